@@ -1,0 +1,175 @@
+"""The loader: official single-file layout at full size (header-only files), strictness, diffusers round trip."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import img2vid
+from img2vid import checkpoint
+from img2vid.errors import CheckpointError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "svd_xt_checkpoint_keys.json"
+FULL_PARAMS = {"unet": 1_524_623_082, "vae": 97_742_775, "image_encoder": 632_076_800}
+TEMPORAL_DECODER = ("time_stack", "mix_factor", "time_mix_conv")
+
+
+def reference_keys() -> dict[str, list[int]]:
+    if not REFERENCE.is_file():
+        pytest.skip(f"{REFERENCE} not found (shared/ sits beside the checkout)")
+    return {k: shape for k, (shape, _dtype) in json.loads(REFERENCE.read_text()).items()}
+
+
+def write_sparse_safetensors(path: Path, shapes: dict[str, list[int]]) -> Path:
+    """A valid fp16 .safetensors with every key and shape whose data is a hole in a sparse file: instant to write,
+    reads back as zeros, takes no disk. Loading it exercises the real reader on the real layout."""
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        n = 2 * int(torch.Size(shape).numel())
+        header[k] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def count(pipe) -> dict[str, int]:
+    nets = {"unet": pipe.unet, "vae": pipe.vae, "image_encoder": pipe.image_encoder}
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+
+
+def test_official_single_file_layout_loads_strictly(tmp_path):
+    path = write_sparse_safetensors(tmp_path / "svd_xt.safetensors", reference_keys())
+    pipe = img2vid.load(path, device="cpu", dtype=torch.float16)
+    assert pipe.name == "svd-xt"
+    assert count(pipe) == FULL_PARAMS
+    assert all(p.device.type == "cpu" and p.dtype == torch.float16 for p in pipe.unet.parameters())
+    assert "temporal decoder" in pipe.source
+
+
+def test_image_decoder_variant_is_recognised(tmp_path):
+    keys = {
+        k: s
+        for k, s in reference_keys().items()
+        if not (k.startswith("first_stage_model.decoder") and any(t in k for t in TEMPORAL_DECODER))
+    }
+    name, why = checkpoint.detect_variant(keys, "svd_xt_image_decoder.safetensors")
+    assert name == "svd-xt-image-decoder" and "image decoder" in why
+    assert checkpoint.detect_variant(keys, "svd_image_decoder.safetensors")[0] == "svd-image-decoder"
+    assert checkpoint.detect_variant(reference_keys(), "svd.safetensors")[0] == "svd"
+    assert checkpoint.detect_variant(reference_keys(), "svd_xt_1_1.safetensors")[0] == "svd-xt-1-1"
+    path = write_sparse_safetensors(tmp_path / "svd_xt_image_decoder.safetensors", keys)
+    pipe = img2vid.load(path, device="meta")
+    assert pipe.name == "svd-xt-image-decoder" and not pipe.config.vae.temporal_decoder
+
+
+def test_missing_key_is_named(tmp_path):
+    keys = reference_keys()
+    gone = "model.diffusion_model.output_blocks.5.2.conv.weight"
+    del keys[gone]
+    path = write_sparse_safetensors(tmp_path / "svd_xt.safetensors", keys)
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\): " + gone.replace(".", r"\.")):
+        img2vid.load(path, device="cpu")
+
+
+def test_extra_key_is_named(tmp_path):
+    keys = reference_keys()
+    keys["model.diffusion_model.input_blocks.1.1.surprise.weight"] = [3]
+    path = write_sparse_safetensors(tmp_path / "svd_xt.safetensors", keys)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected 1 key\(s\): model\.diffusion_model\.input_blocks\.1\.1\.surprise"
+    ):
+        img2vid.load(path, device="cpu")
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    keys = reference_keys()
+    keys["first_stage_model.decoder.conv_in.weight"] = [512, 4, 1, 1]
+    path = write_sparse_safetensors(tmp_path / "svd_xt.safetensors", keys)
+    with pytest.raises(
+        CheckpointError, match=r"first_stage_model\.decoder\.conv_in\.weight: file \(512, 4, 1, 1\)"
+    ):
+        img2vid.load(path, device="cpu")
+
+
+def test_unused_reference_keys_are_skipped_but_nothing_else():
+    assert checkpoint.UNUSED.match("conditioner.embedders.3.encoder.encoder.conv_in.weight")
+    assert checkpoint.UNUSED.match("conditioner.embedders.0.open_clip.model.token_embedding.weight")
+    assert not checkpoint.UNUSED.match("conditioner.embedders.0.open_clip.model.visual.proj")
+    assert not checkpoint.UNUSED.match("model.diffusion_model.out.2.weight")
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickles_are_refused(tmp_path, suffix):
+    path = tmp_path / f"svd{suffix}"
+    path.write_bytes(b"not looked at")
+    with pytest.raises(CheckpointError, match="pickle"):
+        img2vid.load(path, device="cpu")
+
+
+def test_not_safetensors_content(tmp_path):
+    path = tmp_path / "svd.safetensors"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable .safetensors"):
+        img2vid.load(path, device="cpu")
+
+
+def test_unknown_source_says_what_is_accepted():
+    with pytest.raises(CheckpointError, match="not a preset"):
+        img2vid.load("no-such-thing", device="cpu")
+
+
+def test_hub_offline_and_not_cached_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="not in the local huggingface_hub cache.*HF_HUB_OFFLINE"):
+        img2vid.load("stabilityai/stable-video-diffusion-img2vid-xt", device="cpu")
+
+
+def test_hub_id_from_cache(monkeypatch, tmp_path):
+    """A hub id whose file is already in the huggingface_hub cache loads offline."""
+    import huggingface_hub.constants as c
+
+    snap = tmp_path / "models--stabilityai--stable-video-diffusion-img2vid-xt"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("0" * 40)
+    target = snap / "snapshots" / ("0" * 40)
+    target.mkdir(parents=True)
+    write_sparse_safetensors(target / "svd_xt.safetensors", reference_keys())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    pipe = img2vid.load("stabilityai/stable-video-diffusion-img2vid-xt", device="meta")
+    assert pipe.name == "svd-xt" and count(pipe) == FULL_PARAMS
+
+
+def test_single_file_from_diffusers_folder_loads_the_same(tmp_path):
+    pytest.importorskip("diffusers")
+    from svd_reference import save_tiny_folder
+
+    folder = tmp_path / "tiny-svd-xt"
+    save_tiny_folder(folder)
+    single = checkpoint.diffusers_to_single_file(folder, tmp_path / "tiny_svd_xt.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        keys = set(f.keys())
+    assert checkpoint.QUANT_CONV + "weight" in keys  # where the official file keeps it
+    a = img2vid.load(folder, device="cpu")
+    b = img2vid.load(single, device="cpu")  # the tiny sizes travel in the file's metadata
+    assert b.config.unet == a.config.unet and b.config.vae == a.config.vae and b.config.clip == a.config.clip
+    for net_a, net_b in ((a.unet, b.unet), (a.vae, b.vae), (a.image_encoder, b.image_encoder)):
+        sa, sb = net_a.state_dict(), net_b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(a.vae.encode(x), b.vae.encode(x), rtol=0, atol=0)
