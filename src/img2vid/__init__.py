@@ -6,6 +6,8 @@ video = pipe.generate("photo.jpg", seed=23)
 video.save("out.mp4")
 """
 
+__version__ = "0.1.0"  # before the imports: pipeline records it in every video
+
 from .config import PRESETS, ModelConfig
 from .errors import Cancelled, CheckpointError, ImageError, Img2VidError, ParameterError
 from .pipeline import Pipeline, load
@@ -21,4 +23,3 @@ __all__ = [
     "Pipeline",
     "load",
 ]
-__version__ = "0.1.0"

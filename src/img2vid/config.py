@@ -39,6 +39,7 @@ class VAEConfig:
     scale_factor: float = 0.18215
     temporal_decoder: bool = True  # False: the plain per-frame decoder of the image-decoder variants
     video_kernel_size: int = 3
+    norm_groups: int = 32  # GroupNorm groups (32 in every released model; fewer lets `tiny` be cheap)
 
     @property
     def downscale(self) -> int:
@@ -142,7 +143,7 @@ PRESETS: dict[str, ModelConfig] = {
             context_dim=32,
             vector_embed_dim=32,
         ),
-        vae=VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
+        vae=VAEConfig(channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
         clip=CLIPConfig(image_size=224, patch_size=32, width=32, layers=2, heads=2, mlp_dim=64, embed_dim=32),
         defaults=SamplingDefaults(num_frames=4, num_steps=4, min_cfg=1.0, max_cfg=2.5, decode_chunk_size=4),
         description="random weights, a few MB, for tests and smoke runs",

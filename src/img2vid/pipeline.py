@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import __version__ as _version
+from . import checkpoint, sampling
 from .config import ModelConfig
+from .errors import Cancelled, ParameterError
+from .image import prepare_image, to_tensor
 from .models import build, init_random
+from .params import GenerateParams
+from .video import Video
 
 log = logging.getLogger("img2vid")
 
@@ -45,12 +55,237 @@ class Pipeline:
 
     @property
     def defaults(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self.config.defaults)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image,
+        *,
+        num_frames: int | None = None,
+        num_steps: int | None = None,
+        fps_id: int = 6,
+        motion_bucket_id: int = 127,
+        cond_aug: float = 0.02,
+        min_cfg: float | None = None,
+        max_cfg: float | None = None,
+        guidance: str = "linear",
+        sampler: str = "euler",
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        cond_noise: torch.Tensor | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        fit: str = "crop",
+        decode_chunk_size: int | None = None,
+        sigmas: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
+    ) -> Video:
+        """Turn one image into a video.
+
+        image: a path, bytes, a PIL image or an array. Parameters left as None take the variant's defaults
+        (`self.defaults`). `noise` (T, 4, H/8, W/8) and `cond_noise` (3, H, W), standard normal, replace the
+        seeded draws. `sigmas` (descending, ending in 0) replaces the EDM schedule. `callback(step, total,
+        latents)` runs after every step; returning False stops generation with `Cancelled`.
+
+        The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
+        the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
+        """
+        d = self.config.defaults
+        p = GenerateParams(
+            num_frames=d.num_frames if num_frames is None else num_frames,
+            num_steps=num_steps
+            if num_steps is not None
+            else len(sigmas) - 1
+            if sigmas is not None
+            else d.num_steps,
+            fps_id=fps_id,
+            motion_bucket_id=motion_bucket_id,
+            cond_aug=cond_aug,
+            min_cfg=d.min_cfg if min_cfg is None else min_cfg,
+            max_cfg=d.max_cfg if max_cfg is None else max_cfg,
+            guidance=guidance,
+            sampler=sampler,
+            seed=random.randrange(2**32) if seed is None else seed,
+            width=width,
+            height=height,
+            fit=fit,
+            decode_chunk_size=d.decode_chunk_size if decode_chunk_size is None else decode_chunk_size,
+        ).validate()
+        started = time.perf_counter()
+        pil = prepare_image(image, p.width, p.height, p.fit)
+        W, H = pil.size
+        T, dev = p.num_frames, self.device
+        lat_shape = (
+            T,
+            self.config.vae.latent_channels,
+            H // self.config.vae.downscale,
+            W // self.config.vae.downscale,
+        )
+
+        g = torch.Generator(dev).manual_seed(p.seed)
+        drawn_cond = torch.randn((1, 3, H, W), generator=g, device=dev)
+        drawn_noise = torch.randn(lat_shape, generator=g, device=dev)
+        cond_noise = _given(cond_noise, (3, H, W), "cond_noise", dev, drawn_cond[0])
+        noise = _given(noise, lat_shape, "noise", dev, drawn_noise)
+
+        img = to_tensor(pil).to(dev)[None]  # (1, 3, H, W) in [-1, 1]
+        cond = self.condition(img, cond_noise[None], p)
+        if sigmas is None:
+            sigmas = sampling.edm_sigmas(p.num_steps)
+        sigmas = sigmas.to(dev, torch.float32)
+        scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, T).to(dev)
+        denoise = self.denoiser(cond, scales, T)
+
+        def on_step(step: int, total: int, x: torch.Tensor) -> None:
+            if callback is not None and callback(step, total, x) is False:
+                raise Cancelled(f"stopped by the callback after step {step} of {total}")
+
+        x = sampling.initial_latents(noise, sigmas)
+        latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
+        frames, chunk = self.decode(latents, p.decode_chunk_size)
+        frames = to_uint8(frames)
+        params = {
+            "model": self.name,
+            **p.as_dict(),
+            "width": W,
+            "height": H,
+            "decode_chunk_size": chunk,
+            "fps": p.fps_id + 1,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": dev.type,
+            "seconds": round(time.perf_counter() - started, 3),
+            "img2vid": _version,
+        }
+        if chunk != p.decode_chunk_size:
+            params["note"] = (
+                f"decoded {chunk} frames at a time after running out of memory at {p.decode_chunk_size}"
+            )
+        return Video(frames=frames, fps=p.fps_id + 1, params=params)
+
+    def condition(
+        self, img: torch.Tensor, cond_noise: torch.Tensor, p: GenerateParams
+    ) -> dict[str, torch.Tensor]:
+        """The reference's conditioner: CLIP embedding of the clean image, VAE latent of the noised image, and
+        the vector (fps_id, motion_bucket_id, cond_aug), per frame. Unconditional inputs are zeros."""
+        T, dt = p.num_frames, self.dtype
+        clip_in = clip_preprocess(
+            img, self.config.clip.image_size, self.config.clip.mean, self.config.clip.std
+        )
+        context = self.image_encoder(clip_in.to(dt))[:, None]  # (1, 1, D)
+        latent = self.vae.encode((img + p.cond_aug * cond_noise).to(dt))  # (1, 4, h, w), posterior mode
+        vector = torch.tensor(
+            [[p.fps_id, p.motion_bucket_id, p.cond_aug]], device=img.device, dtype=torch.float32
+        )
+        return {
+            "context": context.expand(T, -1, -1),
+            "latent": latent.expand(T, -1, -1, -1),
+            "vector": vector.expand(T, -1),
+        }
+
+    def denoiser(self, cond: dict[str, torch.Tensor], scales: torch.Tensor, num_frames: int):
+        """D(x, sigma) for one video: the preconditioned UNet with per-frame classifier-free guidance.
+
+        Both halves run as one batch (uncond first, as the reference). Where every scale is 1 the guided result
+        equals the conditional one, so the unconditional half is skipped."""
+        guided = bool((scales != 1).any())
+        T, dt = num_frames, self.dtype
+        if guided:
+            context = torch.cat([torch.zeros_like(cond["context"]), cond["context"]])
+            latent = torch.cat([torch.zeros_like(cond["latent"]), cond["latent"]])
+            vector = cond["vector"].repeat(2, 1)
+        else:
+            context, latent, vector = cond["context"], cond["latent"], cond["vector"]
+        reps = 2 if guided else 1
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            c_skip, c_out, c_in, c_noise = sampling.v_edm_scalings(sigma)
+            x_in = torch.cat([(x * c_in).to(dt).repeat(reps, 1, 1, 1), latent], dim=1)  # (reps*T, 8, h, w)
+            out = self.unet(x_in, c_noise.expand(reps * T), context, vector, T).float()
+            denoised = out * c_out + x.repeat(reps, 1, 1, 1) * c_skip
+            if not guided:
+                return denoised
+            uncond, cond_ = denoised.chunk(2)
+            return sampling.cfg_combine(uncond, cond_, scales)
+
+        return denoise
+
+    def decode(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+        """Latents -> frames (T, 3, H, W) float32 in [0, 1] on the CPU, `chunk` frames at a time.
+
+        The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
+        the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
+        while True:
+            try:
+                parts = []
+                for i in range(0, len(latents), chunk):
+                    z = latents[i : i + chunk].to(self.dtype)
+                    x = self.vae.decode(z, num_frames=len(z)).float()
+                    parts.append(((x + 1) / 2).clamp(0, 1).cpu())
+                return torch.cat(parts), chunk
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                parts = []
+                torch.cuda.empty_cache()
+                new = max(1, chunk // 2)
+                log.warning(
+                    "out of GPU memory decoding %d frames at a time; retrying with %d (this changes the video slightly)",
+                    chunk,
+                    new,
+                )
+                chunk = new
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
+
+
+def to_uint8(frames: torch.Tensor):
+    """(T, 3, H, W) in [0, 1] -> numpy uint8 (T, H, W, 3). Truncates like the reference script (x * 255 cast
+    to uint8), so that a seed gives the reference's pixels."""
+    return frames.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _given(t: torch.Tensor | None, shape: tuple, name: str, device, drawn: torch.Tensor) -> torch.Tensor:
+    if t is None:
+        return drawn
+    t = torch.as_tensor(t)
+    if tuple(t.shape) != tuple(shape):
+        raise ParameterError(
+            name, f"must have shape {tuple(shape)} for this size and frame count, got {tuple(t.shape)}"
+        )
+    return t.to(device, torch.float32)
+
+
+def clip_preprocess(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> CLIP input: the whole frame resized to size x size (no crop) with the
+    reference's kornia resize (Gaussian antialiasing, then bicubic with align_corners=True), then normalised."""
+    x = resize_antialias(img.float(), (size, size))
+    x = (x + 1) / 2
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _gaussian_1d(ksize: int, sigma: float, device) -> torch.Tensor:
+    x = torch.arange(ksize, device=device, dtype=torch.float32) - ksize // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def resize_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """kornia.geometry.resize(..., "bicubic", align_corners=True, antialias=True): blur with sigma
+    (factor - 1) / 2 (at least 0.001), kernel about 4 sigma (odd, at least 3), reflect padding; then bicubic."""
+    h, w = x.shape[-2:]
+    sig = (max((h / size[0] - 1) / 2, 0.001), max((w / size[1] - 1) / 2, 0.001))
+    ks = [max(int(4 * s), 3) for s in sig]
+    ks = [k + 1 if k % 2 == 0 else k for k in ks]
+    C = x.shape[1]
+    ky = _gaussian_1d(ks[0], sig[0], x.device).view(1, 1, -1, 1).expand(C, 1, -1, 1)
+    kx = _gaussian_1d(ks[1], sig[1], x.device).view(1, 1, 1, -1).expand(C, 1, 1, -1)
+    x = F.conv2d(F.pad(x, (ks[1] // 2, ks[1] // 2, 0, 0), mode="reflect"), kx, groups=C)
+    x = F.conv2d(F.pad(x, (0, 0, ks[0] // 2, ks[0] // 2), mode="reflect"), ky, groups=C)
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=True)
 
 
 def load(

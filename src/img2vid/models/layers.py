@@ -20,8 +20,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class Attention(nn.Module):

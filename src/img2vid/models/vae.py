@@ -13,11 +13,11 @@ from .layers import group_norm
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(c_in, eps=1e-6)
+        self.norm1 = group_norm(c_in, eps=1e-6, groups=groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = group_norm(c_out, eps=1e-6)
+        self.norm2 = group_norm(c_out, eps=1e-6, groups=groups)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
@@ -32,12 +32,14 @@ class ResnetBlock(nn.Module):
 class TemporalResBlock(nn.Module):
     """Conv3d (k,1,1) resblock across frames, no time embedding (`time_stack` in the checkpoint)."""
 
-    def __init__(self, c: int, kernel: int):
+    def __init__(self, c: int, kernel: int, groups: int = 32):
         super().__init__()
         ks, pad = (kernel, 1, 1), (kernel // 2, 0, 0)
-        self.in_layers = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv3d(c, c, ks, padding=pad))
+        self.in_layers = nn.Sequential(
+            group_norm(c, groups=groups), nn.SiLU(), nn.Conv3d(c, c, ks, padding=pad)
+        )
         self.out_layers = nn.Sequential(
-            group_norm(c), nn.SiLU(), nn.Identity(), nn.Conv3d(c, c, ks, padding=pad)
+            group_norm(c, groups=groups), nn.SiLU(), nn.Identity(), nn.Conv3d(c, c, ks, padding=pad)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +49,9 @@ class TemporalResBlock(nn.Module):
 class VideoResnetBlock(ResnetBlock):
     """A per-frame resnet block then a temporal one; alpha weighs the TEMPORAL branch here (unlike the UNet)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3):
-        super().__init__(c_in, c_out)
-        self.time_stack = TemporalResBlock(c_out, kernel)
+    def __init__(self, c_in: int, c_out: int, groups: int = 32, kernel: int = 3):
+        super().__init__(c_in, c_out, groups)
+        self.time_stack = TemporalResBlock(c_out, kernel, groups)
         self.mix_factor = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
@@ -64,9 +66,9 @@ class VideoResnetBlock(ResnetBlock):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels of each frame, 1x1-conv projections."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(c, eps=1e-6)
+        self.norm = group_norm(c, eps=1e-6, groups=groups)
         self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
 
@@ -109,11 +111,11 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, c: int, block: type[ResnetBlock], **kw):
+    def __init__(self, c: int, block: type[ResnetBlock], groups: int = 32, **kw):
         super().__init__()
-        self.block_1 = block(c, c, **kw)
-        self.attn_1 = AttnBlock(c)
-        self.block_2 = block(c, c, **kw)
+        self.block_1 = block(c, c, groups, **kw)
+        self.attn_1 = AttnBlock(c, groups)
+        self.block_2 = block(c, c, groups, **kw)
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x, num_frames)), num_frames)
@@ -131,12 +133,12 @@ class Encoder(nn.Module):
         for i, c_out in enumerate(chs):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(c, c_out))
+                blocks.append(ResnetBlock(c, c_out, cfg.norm_groups))
                 c = c_out
             last = i == len(chs) - 1
             self.down.append(Level(blocks, None if last else Downsample(c), "downsample"))
-        self.mid = Mid(c, ResnetBlock)
-        self.norm_out = group_norm(c, eps=1e-6)
+        self.mid = Mid(c, ResnetBlock, cfg.norm_groups)
+        self.norm_out = group_norm(c, eps=1e-6, groups=cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,16 +179,16 @@ class Decoder(nn.Module):
         block, kw = (VideoResnetBlock, {"kernel": cfg.video_kernel_size}) if temporal else (ResnetBlock, {})
         c = chs[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
-        self.mid = Mid(c, block, **kw)
+        self.mid = Mid(c, block, cfg.norm_groups, **kw)
         up = []
         for i in reversed(range(len(chs))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(block(c, chs[i], **kw))
+                blocks.append(block(c, chs[i], cfg.norm_groups, **kw))
                 c = chs[i]
             up.insert(0, Level(blocks, Upsample(c) if i else None, "upsample"))
         self.up = nn.ModuleList(up)
-        self.norm_out = group_norm(c, eps=1e-6)
+        self.norm_out = group_norm(c, eps=1e-6, groups=cfg.norm_groups)
         self.conv_out = OutConv(c, 3, temporal, cfg.video_kernel_size)
 
     def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""Image to video end to end against diffusers' StableVideoDiffusionPipeline on the same random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import img2vid
+from img2vid import sampling
+from img2vid.pipeline import clip_preprocess, resize_antialias, to_uint8
+
+H, W, T, STEPS = 256, 320, 3, 4  # non-square, odd frame count
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from svd_reference import save_tiny_folder
+
+    folder = tmp_path_factory.mktemp("svd") / "tiny-svd-xt"
+    ref = save_tiny_folder(folder)
+    ref.set_progress_bar_config(disable=True)
+    return ref, img2vid.load(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return img2vid.load("tiny", device="cpu")
+
+
+def test_matches_diffusers_pipeline(pair):
+    ref, pipe = pair
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (H, W, 3), dtype=np.uint8))
+    seed = 5
+    # diffusers draws the conditioning noise first from its generator; the latents we pass in.
+    cond_noise = torch.randn((1, 3, H, W), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((T, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(99))
+    expect = ref(
+        img,
+        height=H,
+        width=W,
+        num_frames=T,
+        num_inference_steps=STEPS,
+        min_guidance_scale=1.0,
+        max_guidance_scale=2.5,
+        fps=7,  # diffusers subtracts 1: fps_id 6
+        motion_bucket_id=100,
+        noise_aug_strength=0.05,
+        decode_chunk_size=T,
+        generator=torch.Generator().manual_seed(seed),
+        latents=noise[None].clone(),
+        output_type="pt",
+    ).frames[0]  # (T, 3, H, W) in [0, 1]
+
+    final = {}
+
+    def keep(step, total, latents):
+        final[step] = latents.clone()
+
+    video = pipe.generate(
+        img,
+        num_frames=T,
+        num_steps=STEPS,
+        min_cfg=1.0,
+        max_cfg=2.5,
+        fps_id=6,
+        motion_bucket_id=100,
+        cond_aug=0.05,
+        noise=noise,
+        cond_noise=cond_noise[0],
+        width=W,
+        height=H,
+        decode_chunk_size=T,
+        callback=keep,
+    )
+    assert sorted(final) == list(range(1, STEPS + 1))
+    frames, _ = pipe.decode(final[STEPS], T)
+    assert frames.std() > 0.05  # not a flat image: the comparison means something
+    err = (frames - expect).abs().max().item()
+    assert err <= 1e-3, f"frames differ from diffusers by {err:.2e}"
+    assert np.array_equal(video.frames, to_uint8(frames))
+    assert video.frames.shape == (T, H, W, 3) and video.fps == 7
+    assert video.params["width"] == W and video.params["num_steps"] == STEPS
+
+
+def test_clip_resize_matches_diffusers():
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+        _resize_with_antialiasing,
+    )
+
+    for h, w in ((576, 1024), (256, 320), (1024, 576), (224, 224), (100, 150)):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+        torch.testing.assert_close(resize_antialias(x, (224, 224)), _resize_with_antialiasing(x, (224, 224)))
+    x = torch.zeros(1, 3, 64, 64)
+    out = clip_preprocess(x, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    torch.testing.assert_close(out, torch.zeros(1, 3, 224, 224))  # -1..1 -> 0..1 -> normalised
+
+
+def test_sigmas_match_diffusers_karras_schedule():
+    pytest.importorskip("diffusers")
+    from svd_reference import tiny_pipeline
+
+    sched = tiny_pipeline().scheduler
+    sched.set_timesteps(25)
+    torch.testing.assert_close(sampling.edm_sigmas(25), sched.sigmas.float(), rtol=1e-6, atol=0)
+    assert sampling.edm_sigmas(25)[0] == pytest.approx(700.0) and sampling.edm_sigmas(25)[
+        -2
+    ] == pytest.approx(0.002)
+
+
+def test_guidance_shapes():
+    torch.testing.assert_close(
+        sampling.guidance_scales("linear", 1.0, 3.0, 5), torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0])
+    )
+    torch.testing.assert_close(
+        sampling.guidance_scales("triangle", 1.0, 3.0, 5), torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0])
+    )
+    torch.testing.assert_close(
+        sampling.guidance_scales("constant", 1.0, 3.0, 3), torch.tensor([3.0, 3.0, 3.0])
+    )
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m"])
+def test_samplers_solve_the_ode_for_gaussian_data(name):
+    """For data ~ N(0, s^2) the ideal denoiser is x s^2/(s^2+sigma^2) and the probability-flow ODE has the exact
+    solution x(0) = x_T s / sqrt(s^2 + sigma_max^2). Errors must shrink with more steps; 2nd order beats Euler."""
+    s = 0.5
+    x_T = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 700.0
+
+    def denoise(x, sigma):
+        return x * s**2 / (s**2 + sigma**2)
+
+    exact = x_T * s / (s**2 + 700.0**2) ** 0.5
+
+    def err(n):
+        return (sampling.SAMPLERS[name](denoise, x_T, sampling.edm_sigmas(n)) - exact).abs().max().item()
+
+    e10, e40 = err(10), err(40)
+    assert e40 < e10 / 2
+    if name != "euler":
+        euler40 = (sampling.sample_euler(denoise, x_T, sampling.edm_sigmas(40)) - exact).abs().max().item()
+        assert e40 < euler40 / 3
+
+
+def test_same_seed_same_frames_other_seed_differs(tiny):
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (300, 400, 3), dtype=np.uint8))
+    kw = dict(width=256, height=256, num_frames=3, num_steps=2)
+    a = tiny.generate(img, seed=7, **kw).frames
+    b = tiny.generate(img, seed=7, **kw).frames
+    c = tiny.generate(img, seed=8, **kw).frames
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_defaults_and_params_are_recorded(tiny):
+    img = np.full((256, 256, 3), 128, np.uint8)
+    video = tiny.generate(img, width=256, height=256, num_steps=1)
+    d = tiny.defaults
+    assert video.frames.shape == (d["num_frames"], 256, 256, 3)
+    p = video.params
+    assert p["model"] == "tiny" and p["num_frames"] == d["num_frames"] and isinstance(p["seed"], int)
+    assert (p["min_cfg"], p["max_cfg"]) == (d["min_cfg"], d["max_cfg"])
+
+
+def test_callback_can_cancel(tiny):
+    seen = []
+
+    def stop_after_two(step, total, latents):
+        seen.append((step, total))
+        return step < 2
+
+    with pytest.raises(img2vid.Cancelled):
+        tiny.generate(
+            np.zeros((256, 256, 3), np.uint8), width=256, height=256, num_steps=5, callback=stop_after_two
+        )
+    assert seen == [(1, 5), (2, 5)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_frames": 0}, "num_frames"),
+        ({"sampler": "ddim"}, "sampler"),
+        ({"guidance": "cosine"}, "guidance"),
+        ({"width": 300, "height": 256}, "width"),
+        ({"noise": torch.zeros(2, 4, 4, 4)}, "noise"),
+        ({"cond_noise": torch.zeros(3, 8, 8)}, "cond_noise"),
+    ],
+)
+def test_bad_parameters_name_the_field(tiny, kwargs, field):
+    with pytest.raises(img2vid.ParameterError) as e:
+        tiny.generate(np.zeros((256, 256, 3), np.uint8), **{"width": 256, "height": 256, **kwargs})
+    assert e.value.field == field
+
+
+def test_user_sigmas_and_constant_guidance(tiny):
+    sig = torch.tensor([10.0, 1.0, 0.1, 0.0])
+    v = tiny.generate(
+        np.zeros((256, 256, 3), np.uint8), width=256, height=256, sigmas=sig, guidance="constant", seed=1
+    )
+    assert v.params["num_steps"] == 3
