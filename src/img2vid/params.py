@@ -85,11 +85,7 @@ def check(name: str, value):
     try:
         if isinstance(value, bool):
             raise TypeError
-        num = float(value)
-        if name in INTS:
-            if isinstance(value, float | str) and not float(value).is_integer():
-                raise TypeError
-            num = int(float(value)) if not isinstance(value, int) else value
+        num = _to_int(value) if name in INTS else float(value)
     except (TypeError, ValueError, OverflowError):
         kind = "an integer" if name in INTS else "a number"
         raise ParameterError(name, f"must be {kind}, got {value!r}") from None
@@ -104,3 +100,18 @@ def check(name: str, value):
             name, f"must be a multiple of {SIDE_MULTIPLE}, got {num} (nearest: {down} or {up})"
         )
     return num
+
+
+def _to_int(value) -> int:
+    """An int from an int, an integral float or integer text; exact for big seeds (no float round trip)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            value = float(text)  # "25.0" is fine, "25.5" is not
+    if not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__ as _version
-from . import checkpoint, sampling
+from . import checkpoint, runtime, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
 from .image import prepare_image, to_tensor
@@ -294,12 +294,18 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     variant: str | None = None,
+    memory: str = "auto",
+    compile: bool | None = None,
 ) -> Pipeline:
     """Load SVD from a preset name, a hub id, a single .safetensors file or a diffusers folder.
 
     Networks are built on the meta device, every key is checked, and tensors are read straight to `device`
     and cast there. `variant` forces the preset used for defaults and decoder (e.g. "svd-xt-1-1").
+    `memory` is "auto", "fast" or "low" (see img2vid.runtime); `compile` (default: on CUDA) compiles the UNet.
     """
+    memory_mode, memory_reason = runtime.choose_memory_mode(
+        torch.device(device) if device is not None else default_device(), memory
+    )
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = {
@@ -317,7 +323,11 @@ def load(
         for i, net in enumerate(nets.values()):
             init_random(net, seed=i)
             net.to(device, dtype)
-        return Pipeline(resolved, nets, device, dtype, source=f"{resolved.name} (random weights)")
-    nets = build(resolved.config, "meta")
-    checkpoint.load_into(nets, resolved, device, dtype)
-    return Pipeline(resolved.config, nets, device, dtype, source=resolved.description)
+        cfg, source_text = resolved, f"{resolved.name} (random weights)"
+    else:
+        nets = build(resolved.config, "meta")
+        checkpoint.load_into(nets, resolved, device, dtype)
+        cfg, source_text = resolved.config, resolved.description
+    pipe = Pipeline(cfg, nets, device, dtype, source=source_text)
+    pipe.memory, pipe.memory_reason = memory_mode, memory_reason
+    return pipe

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, features
 
@@ -115,6 +114,8 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
 
 def read_metadata(path) -> dict:
     """The metadata dict that `write_video` stored in `path`; {} when it holds none (or not a JSON object)."""
+    import av  # lazy, here and below: importing img2vid must not need PyAV (GPU workers never write files)
+
     path = Path(path)
     if not path.exists():
         raise Img2VidError(f"{path}: no such file or folder")
@@ -162,6 +163,8 @@ def _kind(path) -> str:
 
 
 def _encoder(kind: str) -> str:
+    import av
+
     if kind == ".webp":
         if not features.check("webp"):
             raise Img2VidError("this Pillow has no WebP support: write .mp4, .webm or .gif instead")
@@ -235,6 +238,8 @@ def _write_folder(tmp: Path, frames: np.ndarray, text: str) -> None:
 
 
 def _write_av(tmp: Path, kind: str, frames: np.ndarray, rate: Fraction, text: str) -> None:
+    import av
+
     height, width = frames.shape[1:3]
     # faststart puts the index first, so browsers start playing an mp4 before it is fully downloaded.
     options = {"movflags": "+faststart"} if kind == ".mp4" else {}
