@@ -1,0 +1,293 @@
+"""The job store: one SQLite database plus one folder per job under the data directory.
+
+Only the API process touches it; workers get bytes in and hand bytes back. File names inside a job folder
+are chosen here, never by a client, and a folder is only ever reached through a validated job id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except (
+    ImportError
+):  # pragma: no cover - Windows: no cross-process lock, one server per data dir is on the user
+    fcntl = None
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+FINISHED = ("succeeded", "failed", "canceled")
+VIDEO_NAME = "out.mp4"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    resolved TEXT,
+    image_name TEXT NOT NULL,
+    image_type TEXT NOT NULL,
+    video_name TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    progress_at REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+class StoreLocked(RuntimeError):
+    """Another process already serves this data directory."""
+
+
+@dataclass
+class Job:
+    seq: int
+    id: str
+    status: str
+    params: dict
+    resolved: dict | None
+    image_name: str
+    image_type: str
+    video_name: str | None
+    step: int
+    total: int
+    attempts: int
+    cancel_requested: bool
+    error: str | None
+    created: float
+    started: float | None
+    progress_at: float | None
+    finished: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["params"] = json.loads(d["params"])
+        d["resolved"] = json.loads(d["resolved"]) if d["resolved"] else None
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return cls(**d)
+
+
+def valid_id(job_id: str) -> bool:
+    return isinstance(job_id, str) and JOB_ID.fullmatch(job_id) is not None
+
+
+class JobStore:
+    """Thread-safe: API threads and dispatcher slots share one connection behind one lock."""
+
+    def __init__(self, data_dir: str | os.PathLike, max_attempts: int = 2):
+        self.root = Path(data_dir).expanduser().resolve()
+        self.jobs_dir = self.root / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.max_attempts = max_attempts
+        self._lock_file = None
+        if fcntl is not None:
+            # Two servers on one data dir would both "recover" each other's running jobs.
+            self._lock_file = open(self.root / ".lock", "w")  # noqa: SIM115 - held for the store's lifetime
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock_file.close()
+                raise StoreLocked(f"another img2vid server is using {self.root}") from None
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    # -- files -------------------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        if not valid_id(job_id):
+            raise KeyError(job_id)
+        return self.jobs_dir / job_id
+
+    def image_path(self, job: Job) -> Path:
+        return self.job_dir(job.id) / job.image_name
+
+    def video_path(self, job: Job) -> Path | None:
+        return self.job_dir(job.id) / job.video_name if job.video_name else None
+
+    def read_image(self, job: Job) -> bytes:
+        return self.image_path(job).read_bytes()
+
+    # -- rows --------------------------------------------------------------------------------------------
+
+    def create(self, params: dict, image: bytes, image_ext: str, image_type: str) -> Job:
+        job_id = uuid.uuid4().hex
+        folder = self.job_dir(job_id)
+        folder.mkdir()
+        image_name = "input" + image_ext
+        try:
+            (folder / image_name).write_bytes(image)
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, params, image_name, image_type, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, "queued", json.dumps(params), image_name, image_type, time.time()),
+                )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        if not valid_id(job_id):
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def list(self, limit: int = 20, offset: int = 0) -> tuple[list[Job], int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
+            total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return [Job.from_row(r) for r in rows], total
+
+    def count(self, status: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
+    def queue_position(self, job: Job) -> int | None:
+        """0 means next in line."""
+        if job.status != "queued":
+            return None
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,)
+            ).fetchone()[0]
+
+    def recent_durations(self, n: int = 10) -> list[float]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT finished - started FROM jobs WHERE status = 'succeeded' ORDER BY seq DESC LIMIT ?",
+                (n,),
+            ).fetchall()
+        return [r[0] for r in rows if r[0] is not None]
+
+    def _update(self, job_id: str, sql: str, args: tuple = (), where: str = "") -> bool:
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET {sql} WHERE id = ? {where}", (*args, job_id))
+            return cur.rowcount > 0
+
+    # -- the job life cycle ------------------------------------------------------------------------------
+
+    def claim_next(self) -> Job | None:
+        """Oldest queued job -> running, counting the attempt; None when the queue is empty."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                ).fetchone()
+                if row is not None:
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'running', attempts = attempts + 1, started = ?, step = 0,"
+                        " total = 0, progress_at = NULL, error = NULL WHERE id = ?",
+                        (time.time(), row[0]),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return self.get(row[0]) if row else None
+
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        self._update(
+            job_id,
+            "step = ?, total = ?, progress_at = ?",
+            (step, total, time.time()),
+            "AND status = 'running'",
+        )
+
+    def succeed(self, job_id: str, video: bytes, resolved: dict | None) -> None:
+        folder = self.job_dir(job_id)
+        tmp = folder / (VIDEO_NAME + ".part")
+        tmp.write_bytes(video)
+        # A crash mid-write must never leave a truncated out.mp4 behind a "succeeded" row.
+        os.replace(tmp, folder / VIDEO_NAME)
+        self._update(
+            job_id,
+            "status = 'succeeded', video_name = ?, resolved = ?, finished = ?, step = total",
+            (VIDEO_NAME, json.dumps(resolved) if resolved is not None else None, time.time()),
+        )
+
+    def fail(self, job_id: str, message: str) -> None:
+        self._update(job_id, "status = 'failed', error = ?, finished = ?", (message, time.time()))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A queued job is canceled at once; a running one is flagged for its next step."""
+        with self._lock:
+            job = self.get(job_id)
+            if job is None:
+                return None
+            if job.status == "queued":
+                self._update(job_id, "status = 'canceled', finished = ?", (time.time(),))
+            elif job.status == "running":
+                self._update(job_id, "cancel_requested = 1")
+            return self.get(job_id)
+
+    def mark_canceled(self, job_id: str) -> None:
+        self._update(job_id, "status = 'canceled', finished = ?", (time.time(),))
+
+    def requeue(self, job_id: str, count_attempt: bool = True) -> None:
+        """Back to the queue; an attempt cut short by our own shutdown does not count against the job."""
+        extra = "" if count_attempt else ", attempts = MAX(attempts - 1, 0)"
+        self._update(
+            job_id, "status = 'queued', started = NULL, step = 0, total = 0, progress_at = NULL" + extra
+        )
+
+    def recover(self) -> list[tuple[str, str]]:
+        """Run once at start-up: jobs the previous process left "running" did not finish.
+
+        Each gets one more try; a job that already had `max_attempts` is failed, since it may be the job
+        that brings the process down. Returns (job id, new status) pairs.
+        """
+        changes = []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'"
+            ).fetchall()
+            for job_id, attempts, cancel_requested in rows:
+                if cancel_requested:
+                    self.mark_canceled(job_id)
+                    changes.append((job_id, "canceled"))
+                elif attempts >= self.max_attempts:
+                    self.fail(
+                        job_id,
+                        f"the server stopped while this job was running, {attempts} times;"
+                        " not retrying it again",
+                    )
+                    changes.append((job_id, "failed"))
+                else:
+                    self.requeue(job_id, count_attempt=True)
+                    changes.append((job_id, "queued"))
+        return changes

@@ -1,0 +1,170 @@
+"""What a worker is: something that turns (image bytes, parameters) into mp4 bytes.
+
+The API process keeps the job store and every file; a worker only computes. Today `LocalWorker` is a
+pipeline loaded in this process. The same interface is meant to sit in front of a remote worker (one Ray
+actor per GPU), which is why everything crossing it is plain bytes, dicts and numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("img2vid.server")
+
+# on_progress(step, total) -> keep going? False asks the worker to stop at once and raise errors.Cancelled.
+Progress = Callable[[int, int], bool]
+
+
+@dataclass
+class JobResult:
+    video: bytes  # the encoded mp4
+    params: dict = field(
+        default_factory=dict
+    )  # the parameters the pipeline actually used (defaults resolved)
+    fps: float | None = None
+
+
+class WorkerLost(RuntimeError):
+    """The worker died mid-job (process gone, actor lost): the job was not at fault, so it may be retried."""
+
+
+@runtime_checkable
+class Worker(Protocol):
+    def start(self) -> None:
+        """Begin loading the model; must not block."""
+
+    def ready(self) -> bool:
+        """True once `run` can be called."""
+
+    def error(self) -> str | None:
+        """Why the worker can never become ready (model failed to load), else None."""
+
+    def info(self) -> dict:
+        """{"model": name, "device": str, "defaults": {param: value}}; valid once ready."""
+
+    def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
+        """Generate one video. Raises errors.Cancelled when on_progress returned False, errors.Img2VidError
+        for a problem with the job's input, WorkerLost when the worker itself went away."""
+
+    def close(self) -> None:
+        """Free the model."""
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch scalars and paths from the pipeline -> JSON-safe values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            pass
+    return str(value)
+
+
+class LocalWorker:
+    """A pipeline in this process. Pass a loaded `pipeline`, or a `load` callable that is run on a thread
+    by start() so the server answers (/healthz, /readyz = 503) while weights load."""
+
+    def __init__(self, pipeline=None, *, load: Callable[[], Any] | None = None, name: str | None = None):
+        if (pipeline is None) == (load is None):
+            raise ValueError("give exactly one of pipeline or load")
+        self._pipe = pipeline
+        self._load = load
+        self._name = name
+        self._error: str | None = None
+        self._loaded = threading.Event()
+        self._busy = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if pipeline is not None:
+            self._loaded.set()
+
+    def start(self) -> None:
+        if self._loaded.is_set() or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._load_now, name="img2vid-load", daemon=True)
+        self._thread.start()
+
+    def _load_now(self) -> None:
+        try:
+            self._pipe = self._load()
+        except Exception as e:
+            log.exception("loading the model failed")
+            self._error = f"the model failed to load: {type(e).__name__}: {e}"
+        else:
+            self._loaded.set()
+
+    def ready(self) -> bool:
+        return self._loaded.is_set()
+
+    def error(self) -> str | None:
+        return self._error
+
+    def info(self) -> dict:
+        pipe = self._pipe
+        if pipe is None:
+            return {"model": self._name, "device": None, "defaults": {}}
+        return {
+            "model": getattr(pipe, "name", self._name),
+            "device": str(getattr(pipe, "device", "")) or None,
+            "defaults": _plain(dict(getattr(pipe, "defaults", {}) or {})),
+        }
+
+    def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
+        if not self.ready():
+            raise WorkerLost("the worker has no model loaded")
+        # None means "model default": leave those out so the pipeline's own defaults apply.
+        kwargs = {k: v for k, v in params.items() if v is not None}
+
+        def callback(step, total, latents):
+            return bool(on_progress(int(step), int(total)))
+
+        with self._busy:
+            video = None
+            try:
+                video = self._pipe.generate(image, callback=callback, **kwargs)
+                # A private temp file: the encoder wants a path, and the API's disk is not the worker's.
+                with tempfile.TemporaryDirectory(prefix="img2vid-") as tmp:
+                    path = video.save(Path(tmp) / "out.mp4")
+                    data = Path(path).read_bytes()
+                return JobResult(
+                    video=data, params=_plain(dict(getattr(video, "params", {}) or {})), fps=_plain(video.fps)
+                )
+            except Exception as e:
+                if type(e).__name__ == "OutOfMemoryError":
+                    from ..errors import Img2VidError
+
+                    raise Img2VidError(
+                        "out of GPU memory: try fewer frames, a smaller size or a lower decode_chunk_size"
+                    ) from e
+                raise
+            finally:
+                del video
+                self._free_memory()
+
+    def _free_memory(self) -> None:
+        # A canceled or failed run leaves activations behind; hand the memory back before the next job.
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    def close(self) -> None:
+        self._pipe = None
+        self._loaded.clear()
+        self._free_memory()
