@@ -8,9 +8,7 @@ video.save("out.mp4")
 
 __version__ = "0.1.0"  # before the imports: pipeline records it in every video
 
-from .config import PRESETS, ModelConfig
 from .errors import Cancelled, CheckpointError, ImageError, Img2VidError, ParameterError
-from .pipeline import Pipeline, load
 
 __all__ = [
     "PRESETS",
@@ -23,3 +21,16 @@ __all__ = [
     "Pipeline",
     "load",
 ]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use, so `img2vid --help` and usage errors answer at once.
+    if name in ("load", "Pipeline"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name in ("PRESETS", "ModelConfig"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'img2vid' has no attribute {name!r}")

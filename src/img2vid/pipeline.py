@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -48,6 +49,48 @@ class Pipeline:
         for net in nets.values():
             net.eval().requires_grad_(False)
         self.device, self.dtype, self.source = device, dtype, source
+        self.memory, self.memory_reason = "fast", "default"
+        self.compiled = False
+        self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
+
+    def setup(self, memory: str = "fast", reason: str = "as asked", compile: bool | None = None) -> Pipeline:
+        """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet
+        (default: on CUDA). Called by `load`; call again to switch."""
+        self.memory, self.memory_reason = memory, reason
+        cuda = self.device.type == "cuda"
+        if cuda:
+            runtime.use_channels_last(self.unet)
+            runtime.use_channels_last(self.vae)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+        if memory == "low" and cuda:
+            # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
+            runtime.offload(self.image_encoder)
+            runtime.offload(self.vae)
+        elif cuda:
+            runtime.onload(self.image_encoder, self.device)
+            runtime.onload(self.vae, self.device)
+        compile = cuda if compile is None else compile
+        if compile and not self.compiled:
+            runtime.enable_compile_cache()
+            self.unet_forward = torch.compile(self.unet, fullgraph=True, dynamic=False)
+            self.compiled = True
+        elif not compile:
+            self.unet_forward, self.compiled = self.unet, False
+        return self
+
+    @contextlib.contextmanager
+    def _resident(self, *modules: nn.Module):
+        """In low-memory mode, bring `modules` to the GPU for the block and send them back after."""
+        low = self.memory == "low" and self.device.type == "cuda"
+        if low:
+            for m in modules:
+                runtime.onload(m, self.device)
+        try:
+            yield
+        finally:
+            if low:
+                for m in modules:
+                    runtime.offload(m)
 
     @property
     def name(self) -> str:
@@ -172,8 +215,9 @@ class Pipeline:
         clip_in = clip_preprocess(
             img, self.config.clip.image_size, self.config.clip.mean, self.config.clip.std
         )
-        context = self.image_encoder(clip_in.to(dt))[:, None]  # (1, 1, D)
-        latent = self.vae.encode((img + p.cond_aug * cond_noise).to(dt))  # (1, 4, h, w), posterior mode
+        with self._resident(self.image_encoder, self.vae.encoder):
+            context = self.image_encoder(clip_in.to(dt))[:, None]  # (1, 1, D)
+            latent = self.vae.encode((img + p.cond_aug * cond_noise).to(dt))  # (1, 4, h, w), posterior mode
         vector = torch.tensor(
             [[p.fps_id, p.motion_bucket_id, p.cond_aug]], device=img.device, dtype=torch.float32
         )
@@ -186,27 +230,36 @@ class Pipeline:
     def denoiser(self, cond: dict[str, torch.Tensor], scales: torch.Tensor, num_frames: int):
         """D(x, sigma) for one video: the preconditioned UNet with per-frame classifier-free guidance.
 
-        Both halves run as one batch (uncond first, as the reference). Where every scale is 1 the guided result
-        equals the conditional one, so the unconditional half is skipped."""
+        Fast mode runs both halves as one batch (uncond first, as the reference); low-memory mode runs them one
+        after the other (half the activations). Where every scale is 1 the guided result equals the conditional
+        one, so the unconditional half is skipped."""
         guided = bool((scales != 1).any())
         T, dt = num_frames, self.dtype
-        if guided:
-            context = torch.cat([torch.zeros_like(cond["context"]), cond["context"]])
-            latent = torch.cat([torch.zeros_like(cond["latent"]), cond["latent"]])
-            vector = cond["vector"].repeat(2, 1)
+        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        uncond = {k: v if k == "vector" else torch.zeros_like(v) for k, v in cond.items()}
+        if not guided:
+            batches = [cond]
+        elif self.memory == "low":
+            batches = [uncond, cond]
         else:
-            context, latent, vector = cond["context"], cond["latent"], cond["vector"]
-        reps = 2 if guided else 1
+            batches = [{k: torch.cat([uncond[k], cond[k]]) for k in cond}]
+
+        def run(x: torch.Tensor, sigma: torch.Tensor, inputs: dict) -> torch.Tensor:
+            c_skip, c_out, c_in, c_noise = sampling.v_edm_scalings(sigma)
+            reps = len(inputs["latent"]) // T
+            x_in = torch.cat(
+                [(x * c_in).to(dt).repeat(reps, 1, 1, 1), inputs["latent"]], dim=1
+            )  # (reps*T, 8, h, w)
+            x_in = x_in.contiguous(memory_format=fmt)
+            out = self.unet_forward(x_in, c_noise.expand(reps * T), inputs["context"], inputs["vector"], T)
+            return out.float() * c_out + x.repeat(reps, 1, 1, 1) * c_skip
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            c_skip, c_out, c_in, c_noise = sampling.v_edm_scalings(sigma)
-            x_in = torch.cat([(x * c_in).to(dt).repeat(reps, 1, 1, 1), latent], dim=1)  # (reps*T, 8, h, w)
-            out = self.unet(x_in, c_noise.expand(reps * T), context, vector, T).float()
-            denoised = out * c_out + x.repeat(reps, 1, 1, 1) * c_skip
+            denoised = torch.cat([run(x, sigma, inputs) for inputs in batches])
             if not guided:
                 return denoised
-            uncond, cond_ = denoised.chunk(2)
-            return sampling.cfg_combine(uncond, cond_, scales)
+            uncond_, cond_ = denoised.chunk(2)
+            return sampling.cfg_combine(uncond_, cond_, scales)
 
         return denoise
 
@@ -215,11 +268,23 @@ class Pipeline:
 
         The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
+        low = self.memory == "low" and self.device.type == "cuda"
+        if low:  # the UNet's weights make room for the decoder's full-resolution activations
+            runtime.offload(self.unet)
+        try:
+            with self._resident(self.vae.decoder):
+                return self._decode_chunks(latents, chunk)
+        finally:
+            if low:
+                runtime.onload(self.unet, self.device)
+
+    def _decode_chunks(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         while True:
             try:
                 parts = []
                 for i in range(0, len(latents), chunk):
-                    z = latents[i : i + chunk].to(self.dtype)
+                    z = latents[i : i + chunk].to(self.dtype).contiguous(memory_format=fmt)
                     x = self.vae.decode(z, num_frames=len(z)).float()
                     parts.append(((x + 1) / 2).clamp(0, 1).cpu())
                 return torch.cat(parts), chunk
@@ -328,6 +393,4 @@ def load(
         nets = build(resolved.config, "meta")
         checkpoint.load_into(nets, resolved, device, dtype)
         cfg, source_text = resolved.config, resolved.description
-    pipe = Pipeline(cfg, nets, device, dtype, source=source_text)
-    pipe.memory, pipe.memory_reason = memory_mode, memory_reason
-    return pipe
+    return Pipeline(cfg, nets, device, dtype, source=source_text).setup(memory_mode, memory_reason, compile)

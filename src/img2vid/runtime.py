@@ -36,3 +36,39 @@ def choose_memory_mode(device: torch.device, requested: str = "auto") -> tuple[s
     if free >= FAST_MIN_FREE_GIB:
         return "fast", f"{free:.1f} GiB free >= {FAST_MIN_FREE_GIB:.0f} GiB"
     return "low", f"{free:.1f} GiB free < {FAST_MIN_FREE_GIB:.0f} GiB"
+
+
+def use_channels_last(module: torch.nn.Module) -> None:
+    """NHWC (and NDHWC for the temporal 3-D convs) weights: cuDNN's tensor-core convolutions want them, and the
+    (B*T, C, H, W) <-> (B, C, T, H, W) views of the temporal layers then need no transposes."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+        elif isinstance(m, torch.nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
+
+
+def enable_compile_cache() -> None:
+    """Keep Inductor's compiled kernels and autotuning results under ~/.cache/img2vid so the compile is paid once
+    per machine and reused by later processes (unless the user chose a cache directory)."""
+    import os
+    from pathlib import Path
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "img2vid" / "inductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base)
+
+
+def offload(module: torch.nn.Module) -> None:
+    """Move a module to pinned CPU memory (fast to bring back with non-blocking copies)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != "cpu":
+            cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+            cpu.copy_(t, non_blocking=False)
+            t.data = cpu
+
+
+def onload(module: torch.nn.Module, device: torch.device) -> None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device != device:
+            t.data = t.data.to(device, non_blocking=True)

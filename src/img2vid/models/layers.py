@@ -37,7 +37,16 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C); context: (Bc, M, D) with B a multiple of Bc (query rows b*k..b*k+k-1 use context b).
+
+        With one context token (SVD's image embedding) the softmax over a single key is exactly 1, so every
+        query gets the projected value: the result is (Bc, 1, C), to be broadcast by the caller. Exact, and it
+        skips the query/key projections and the attention of every cross-attention layer."""
+        if context is not None and context.shape[1] == 1:
+            return self.to_out(self.to_v(context))
         context = x if context is None else context
+        if context.shape[0] != x.shape[0]:
+            context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         B, N, C = q.shape
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)

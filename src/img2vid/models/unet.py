@@ -93,11 +93,13 @@ class TemporalTransformerBlock(nn.Module):
         self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: (B*T, S, C) tokens of each frame; context: (B, M, D), one per video."""
         BT, S, C = x.shape
         x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
         x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        a = self.attn2(self.norm2(x), context)  # (B*S, T, C), or (B, 1, C) for a single context token
+        x = (x.unflatten(0, (a.shape[0], -1)) + a[:, None]).flatten(0, 1)
         x = self.ff(self.norm3(x)) + x
         return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
 
@@ -122,9 +124,8 @@ class SpatialVideoTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         BT, C, H, W = x.shape
         x_in = x
-        # The temporal layers attend to the first frame's context ("use_spatial_context"), one per pixel.
-        t_context = context[::num_frames]  # (B, 1, D)
-        t_context = t_context.repeat_interleave(H * W, dim=0)  # (B*H*W, 1, D)
+        # The temporal layers attend to the first frame's context ("use_spatial_context").
+        t_context = context[::num_frames]  # (B, M, D)
         x = self.norm(x).flatten(2).transpose(1, 2)  # (B*T, H*W, C)
         x = self.proj_in(x)
         frame_ids = torch.arange(num_frames, device=x.device).repeat(BT // num_frames)

@@ -1,0 +1,118 @@
+"""Where one full-size SVD-XT UNet step spends its time, under several execution choices (GPU).
+
+    python benchmarks/profile_unet.py --variants eager,channels_last,compile --out $OUT
+
+Random weights at full size: timing does not depend on the values. Prints a table of seconds per UNet call
+(CFG batch 2 x 25 frames, 576x1024) and the top CUDA kernels of the eager run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from img2vid.config import PRESETS  # noqa: E402
+from img2vid.models import UNet, init_random  # noqa: E402
+
+
+def bench(fn, n=5, warmup=2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="eager,channels_last,compile")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--frames", type=int, default=25)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = ap.parse_args()
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    cfg = PRESETS["svd-xt"].unet
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.to_empty(device=dev)
+    init_random(unet)
+    unet.to(dt).eval().requires_grad_(False)
+    T = a.frames
+    B = 2 * T
+    x = torch.randn(B, 8, 72, 128, device=dev, dtype=dt)
+    c_noise = torch.full((B,), 0.25 * 3.0, device=dev)
+    ctx = torch.randn(B, 1, 1024, device=dev, dtype=dt)
+    vec = torch.tensor([[6.0, 127.0, 0.02]], device=dev).expand(B, 3)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
+
+    def call(m, inp):
+        with torch.no_grad():
+            return m(inp, c_noise, ctx, vec, T)
+
+    ref = None
+    for v in a.variants.split(","):
+        torch.cuda.reset_peak_memory_stats()
+        inp = x
+        m = unet
+        t0 = time.perf_counter()
+        if "cl" in v.split("_") or v == "channels_last":
+            for mod in unet.modules():
+                if isinstance(mod, torch.nn.Conv2d):
+                    mod.to(memory_format=torch.channels_last)
+            inp = x.to(memory_format=torch.channels_last)
+        if v.startswith("compile"):
+            mode = "max-autotune-no-cudagraphs" if "max" in v.split("_") else None
+            m = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
+            out = call(m, inp)
+            torch.cuda.synchronize()
+            results[f"{v}_compile_s"] = time.perf_counter() - t0
+        s = bench(lambda m=m, inp=inp: call(m, inp))
+        out = call(m, inp).float()
+        if ref is None:
+            ref = out
+        results[f"{v}_s"] = s
+        results[f"{v}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        results[f"{v}_rel_err_vs_first"] = ((out - ref).norm() / ref.norm()).item()
+        print(json.dumps({k: v_ for k, v_ in results.items() if k.startswith(v)}), flush=True)
+        if a.profile and v.startswith("compile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                call(m, inp)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+            Path(a.out, f"profile_{v}.txt").write_text(table)
+            print(table[:6000], flush=True)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        call(unet, x)
+    results["TFLOP_per_call"] = fc.get_total_flops() / 1e12
+    for k in list(results):
+        if k.endswith("_s") and not k.endswith("compile_s"):
+            results[k.replace("_s", "_TFLOPs")] = results["TFLOP_per_call"] / results[k]
+    Path(a.out, "profile_unet.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

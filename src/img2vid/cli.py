@@ -1,0 +1,875 @@
+"""The `img2vid` command: generate, models, doctor and serve.
+
+    img2vid generate photo.jpg                       # -> photo.mp4 with SVD-XT
+    img2vid generate photos/ -o videos/ --seed 7     # one video per image
+    img2vid generate photo.jpg --seeds 1,2,3 -o out/ --format webm
+
+Every value is checked (with img2vid.params.check, the validator the Python API and the server use) before the
+model loads, and every output path before any generation starts. Exit codes: 0 success; 2 bad input or usage
+(including an existing output without --overwrite); 1 a run-time failure (out of memory, ...); 130 Ctrl-C.
+Only the standard library and light img2vid modules are imported while parsing; torch comes in with the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS
+from .errors import ImageError, Img2VidError
+from .params import CHOICES, MAX_SIDE, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
+
+PROG = "img2vid"
+DEFAULT_MODEL = "svd-xt"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OUTPUT_FORMATS = ("mp4", "webm", "gif", "webp", "png")  # png: a folder of PNG frames
+DTYPES = ("fp16", "bf16", "fp32")
+MEMORY_MODES = ("auto", "fast", "low")  # img2vid.runtime.MODES, without importing torch to parse arguments
+# Generation parameter -> the flag that sets it (for error messages).
+FLAGS = {
+    "num_frames": "--frames",
+    "num_steps": "--steps",
+    "fps_id": "--fps-id",
+    "motion_bucket_id": "--motion",
+    "cond_aug": "--cond-aug",
+    "min_cfg": "--min-cfg",
+    "max_cfg": "--max-cfg",
+    "guidance": "--guidance",
+    "sampler": "--sampler",
+    "seed": "--seed",
+    "width": "--size",
+    "height": "--size",
+    "fit": "--fit",
+    "decode_chunk_size": "--decode-chunk",
+}
+EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Img2VidError):
+    """A bad command-line value: reported in one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def _range_help(name: str, default: str | None = None) -> str:
+    lo, hi, text = RANGES[name]
+    extra = f", default {default}" if default is not None else ""
+    return f"{text}; {lo:g}-{hi:g}{extra}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Stable Video Diffusion image-to-video in plain PyTorch.",
+        epilog="Run 'img2vid COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate_parser(sub)
+
+    p = sub.add_parser(
+        "models",
+        help="list the model presets and whether their weights are downloaded",
+        description="List the model presets, their defaults, where their weights come from and whether they "
+        "are already in the local huggingface_hub cache (no network access).",
+    )
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check the installation: torch, GPUs, codecs, model cache",
+        description="Print versions, GPUs and free memory, the memory mode 'auto' would choose, the video "
+        "codecs available, and whether a model's weights are cached. No network access; exit status 0.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to check (default {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_doctor)
+
+    from .server.main import add_serve_parser  # sets func=run_serve; FastAPI is imported only when serving
+
+    add_serve_parser(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
+    svd_xt = PRESETS[DEFAULT_MODEL].defaults
+    p = sub.add_parser(
+        "generate",
+        help="turn an image (or a folder of images) into videos",
+        description="Turn an image, or every image in a folder, into a video. Values left out take the "
+        "model's defaults. Everything is checked before the model loads.",
+        epilog="Output: with one image and one seed, -o is the output file: its suffix picks the format "
+        "(.mp4 .webm .gif .webp, or no suffix for a folder of PNG frames); default <image stem>.mp4 here. "
+        "With a folder of images or several --seeds, -o is a folder (default: the current one) that receives "
+        "<stem>.mp4, or <stem>_seed<N>.mp4 per seed; --format picks the format. A path ending in '/', or an "
+        "existing folder other than an earlier PNG-frame output, is always a folder to write into. Existing outputs are kept unless --overwrite.",
+    )
+    p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder of images")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file, or folder (see below)")
+    p.add_argument(
+        "--format",
+        metavar="{" + ",".join(OUTPUT_FORMATS) + "}",
+        help="output format when -o is a folder or left out (default mp4; png: a folder of frames)",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME|PATH",
+        help=f"a preset ({', '.join(PRESETS)}; see 'img2vid models'), a .safetensors file, a diffusers "
+        f"folder or a hub id (default {DEFAULT_MODEL})",
+    )
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--frames",
+        metavar="N",
+        help=_range_help("num_frames", f"the model's ({svd_xt.num_frames} for {DEFAULT_MODEL})"),
+    )
+    g.add_argument(
+        "--steps",
+        metavar="N",
+        help=_range_help("num_steps", f"the model's ({svd_xt.num_steps} for {DEFAULT_MODEL})"),
+    )
+    g.add_argument("--fps-id", metavar="N", help=_range_help("fps_id", "6"))
+    g.add_argument("--fps", metavar="F", help="playback frame rate of the file only (default: --fps-id + 1)")
+    g.add_argument("--motion", metavar="N", help=_range_help("motion_bucket_id", "127"))
+    g.add_argument("--cond-aug", metavar="X", help=_range_help("cond_aug", "0.02"))
+    g.add_argument(
+        "--min-cfg",
+        metavar="X",
+        help=_range_help("min_cfg", f"the model's ({svd_xt.min_cfg:g} for {DEFAULT_MODEL})"),
+    )
+    g.add_argument(
+        "--max-cfg",
+        metavar="X",
+        help=_range_help("max_cfg", f"the model's ({svd_xt.max_cfg:g} for {DEFAULT_MODEL})"),
+    )
+    g.add_argument(
+        "--guidance",
+        metavar="{" + ",".join(CHOICES["guidance"]) + "}",
+        help="how the guidance scale goes from --min-cfg to --max-cfg over the frames (default linear)",
+    )
+    g.add_argument(
+        "--sampler", metavar="{" + ",".join(CHOICES["sampler"]) + "}", help="sampler (default euler)"
+    )
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", metavar="N", help="random seed (default: a random one, printed)")
+    seeds.add_argument("--seeds", metavar="N,N,...", help="several seeds: one video per seed and image")
+    g.add_argument(
+        "--size",
+        metavar="WxH",
+        help=f"video size, sides multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} "
+        "(default 1024x576, or 576x1024 for a portrait image)",
+    )
+    g.add_argument(
+        "--fit",
+        metavar="{" + ",".join(CHOICES["fit"]) + "}",
+        help="crop the image to the video's shape, or pad it with black bars (default crop)",
+    )
+    g.add_argument(
+        "--decode-chunk",
+        metavar="N",
+        help=_range_help(
+            "decode_chunk_size", f"the model's ({svd_xt.decode_chunk_size} for {DEFAULT_MODEL})"
+        ),
+    )
+    r = p.add_argument_group("runtime")
+    r.add_argument(
+        "--device", metavar="DEV", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)"
+    )
+    r.add_argument(
+        "--dtype",
+        metavar="{" + ",".join(DTYPES) + "}",
+        help="weights and compute precision (default fp16 on CUDA, fp32 on CPU)",
+    )
+    r.add_argument(
+        "--memory",
+        metavar="{" + ",".join(MEMORY_MODES) + "}",
+        default="auto",
+        help="fast: all on the GPU; low: for small GPUs, same result; auto: by free memory (default)",
+    )
+    r.add_argument("--no-compile", action="store_true", help="do not torch.compile the UNet (faster start)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.add_argument("--quiet", action="store_true", help="no progress or loading messages")
+    r.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checking values (all before the model loads)
+
+
+def _number(text: str):
+    """Command-line text -> int or float when it is one, else the text (check() then names the problem)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _checked(name: str, value):
+    try:
+        return check(name, value)
+    except Img2VidError as e:
+        message = str(e).removeprefix(f"{getattr(e, 'field', name)}: ")
+        raise UsageError(f"{FLAGS.get(name, name)}: {message}") from None
+
+
+def _nearest_sides(x: int) -> list[int]:
+    """The valid sides closest to x, closest first ([x] when x is valid)."""
+    if MIN_SIDE <= x <= MAX_SIDE and x % SIDE_MULTIPLE == 0:
+        return [x]
+    down = x // SIDE_MULTIPLE * SIDE_MULTIPLE
+    near = {min(MAX_SIDE, max(MIN_SIDE, v)) for v in (down, down + SIDE_MULTIPLE)}
+    return sorted(near, key=lambda v: (abs(v - x), v))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text)
+    if not m:
+        raise UsageError(f"--size: expected WIDTHxHEIGHT such as 1024x576, got {text!r}")
+    w, h = int(m[1]), int(m[2])
+    nw, nh = _nearest_sides(w), _nearest_sides(h)
+    if nw != [w] or nh != [h]:
+        sizes = sorted(((a, b) for a in nw for b in nh), key=lambda s: (abs(s[0] - w) + abs(s[1] - h), s))
+        raise UsageError(
+            f"--size: {w}x{h} is not a valid size: sides must be multiples of {SIDE_MULTIPLE} between "
+            f"{MIN_SIDE} and {MAX_SIDE}; nearest: {' or '.join(f'{a}x{b}' for a, b in sizes[:2])}"
+        )
+    return _checked("width", w), _checked("height", h)
+
+
+def generate_kwargs(args: argparse.Namespace) -> dict:
+    """The keywords for Pipeline.generate given on the command line, checked (UsageError names the flag)."""
+    kwargs = {}
+    for name, attr in (
+        ("num_frames", "frames"),
+        ("num_steps", "steps"),
+        ("fps_id", "fps_id"),
+        ("motion_bucket_id", "motion"),
+        ("cond_aug", "cond_aug"),
+        ("min_cfg", "min_cfg"),
+        ("max_cfg", "max_cfg"),
+        ("decode_chunk_size", "decode_chunk"),
+    ):
+        text = getattr(args, attr)
+        if text is not None:
+            kwargs[name] = _checked(name, _number(text))
+    for name in ("guidance", "sampler", "fit"):
+        text = getattr(args, name)
+        if text is not None:
+            kwargs[name] = _checked(name, text.strip().lower())
+    if args.size is not None:
+        kwargs["width"], kwargs["height"] = parse_size(args.size)
+    return kwargs
+
+
+def parse_seeds(args: argparse.Namespace) -> list[int | None]:
+    if args.seed is not None:
+        return [_checked("seed", _number(args.seed))]
+    if args.seeds is None:
+        return [None]  # the pipeline draws one (and records it)
+    seeds = []
+    for part in args.seeds.split(","):
+        if not part.strip():
+            raise UsageError(f"--seeds: expected comma-separated integers such as 1,2,3, got {args.seeds!r}")
+        try:
+            seed = check("seed", _number(part.strip()))
+        except Img2VidError as e:
+            raise UsageError(f"--seeds: {str(e).removeprefix('seed: ')}") from None
+        if seed in seeds:
+            raise UsageError(f"--seeds: {seed} is given twice")
+        seeds.append(seed)
+    return seeds
+
+
+def parse_fps(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        fps = float(text)
+    except ValueError:
+        raise UsageError(f"--fps: must be a number, got {text!r}") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise UsageError(f"--fps: must be a positive number, got {text!r}")
+    return fps
+
+
+def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v not in choices:
+        raise UsageError(f"{flag}: must be one of {', '.join(choices)}, got {value!r}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Planning: which image goes to which output
+
+
+@dataclass
+class Job:
+    image: Path
+    seed: int | None
+    output: Path
+    label: str
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The images directly in `folder` (by suffix, any case), sorted by name; hidden files are skipped."""
+    return sorted(
+        (
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ),
+        key=lambda p: p.name,
+    )
+
+
+def _output_suffix(fmt: str) -> str:
+    return "" if fmt == "png" else f".{fmt}"
+
+
+def _is_folder_target(out: str) -> bool:
+    """-o names a folder to write into: ends in a separator, or an existing folder that is not itself a
+    PNG-frame output (those hold params.json and are replaced with --overwrite)."""
+    if out.endswith(("/", os.sep)):
+        return True
+    p = Path(out)
+    return p.is_dir() and not (p / "params.json").is_file()
+
+
+def _format_of(path: str) -> str:
+    """The format a single output path asks for (its suffix), checked."""
+    from .video import FORMATS, SUPPORTED
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "png"
+    if suffix not in FORMATS:
+        raise UsageError(f"-o {path}: unknown video format {suffix!r}; supported: {SUPPORTED}")
+    return suffix[1:]
+
+
+def plan(args: argparse.Namespace, seeds: list[int | None], fmt: str | None) -> tuple[list[Job], str]:
+    """The jobs of this run and their output format. Raises UsageError for a missing input and the like."""
+    src = Path(args.input)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if src.is_dir():
+        images = list_images(src)
+        if not images:
+            raise UsageError(f"{src}: no images in this folder (looked for {' '.join(IMAGE_SUFFIXES)})")
+    else:
+        images = [src]
+    several = src.is_dir() or len(seeds) > 1
+
+    if not several:
+        out = args.output
+        if out is None or _is_folder_target(out):
+            fmt = fmt or "mp4"
+            target = Path(out or ".") / (src.stem + _output_suffix(fmt))
+        else:
+            given = _format_of(out)
+            if fmt is not None and fmt != given:
+                raise UsageError(f"-o {out} is a {given} output but --format says {fmt}")
+            fmt, target = given, Path(out)
+        return [Job(src, seeds[0], target, src.name)], fmt
+
+    fmt = fmt or "mp4"
+    folder = Path(args.output) if args.output else Path(".")
+    if args.output and not folder.is_dir():
+        from .video import FORMATS
+
+        if folder.exists():
+            raise UsageError(
+                f"-o {args.output}: is a file; a folder input or several seeds needs an output folder"
+            )
+        if folder.suffix.lower() in FORMATS:
+            raise UsageError(
+                f"-o {args.output}: a folder input or several seeds makes several videos, so -o names a folder "
+                "(choose the format with --format)"
+            )
+    stems = [p.stem.lower() for p in images]
+    jobs = []
+    for image in images:
+        # Two images with one stem (a.png, a.jpg) would share outputs: those keep their suffix in the name.
+        stem = image.stem if stems.count(image.stem.lower()) == 1 else f"{image.stem}_{image.suffix[1:]}"
+        for seed in seeds:
+            name = f"{stem}_seed{seed}" if len(seeds) > 1 else stem
+            label = image.name if len(seeds) == 1 else f"{image.name} seed {seed}"
+            jobs.append(Job(image, seed, folder / (name + _output_suffix(fmt)), label))
+    return jobs, fmt
+
+
+def _check_codec(fmt: str) -> None:
+    """Fail before loading when this installation cannot write `fmt`."""
+    if fmt == "png":
+        return
+    from .video import codecs_available
+
+    for label, ok in codecs_available().items():
+        if fmt in label and not ok:
+            raise UsageError(
+                f"this installation cannot write {fmt} ({label}): choose another --format or -o suffix"
+            )
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: there are only {n} GPU(s) (cuda:0 to cuda:{n - 1})")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+def _duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f}s"
+    s = round(s)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+class Progress:
+    """The generate callback: one updating line on a terminal, else a plain line every ~10% of the steps."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total = label, total
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.shown = 0  # length of the line on screen (tty)
+        self.last_tenth = -1
+        if self.tty:
+            self._draw(0, total, 0.0, None)
+
+    def __call__(self, step: int, total: int, latents=None) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (total - step) if step else None  # the mean step time so far
+        if self.tty:
+            self._draw(step, total, elapsed, eta)
+            return
+        tenth = step * 10 // total
+        if tenth > self.last_tenth or step == total:
+            self.last_tenth = tenth
+            tail = "; decoding" if step == total else f", ETA {_duration(eta)}"
+            print(
+                f"{PROG}: {self.label}: step {step}/{total} ({100 * step // total}%), "
+                f"{_duration(elapsed)} elapsed{tail}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def _draw(self, step: int, total: int, elapsed: float, eta: float | None) -> None:
+        cols = shutil.get_terminal_size((80, 24)).columns
+        if step == total:
+            tail = "decoding..."
+        else:
+            tail = "starting..." if eta is None else f"ETA {_duration(eta)}"
+        head = f"{self.label} {step}/{total} "
+        rest = f" {_duration(elapsed)} {tail}"
+        width = max(10, min(30, cols - 1 - len(head) - len(rest) - 2))
+        filled = width * step // max(total, 1)
+        line = f"{head}[{'#' * filled}{'.' * (width - filled)}]{rest}"[: cols - 1]
+        self.stream.write("\r" + line.ljust(self.shown))
+        self.stream.flush()
+        self.shown = len(line)
+
+    def clear(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown = 0
+
+
+_active: Progress | None = None  # the line on screen, cleared before a log message or an error
+
+
+def _clear_progress() -> None:
+    if _active is not None:
+        _active.clear()
+
+
+class _LogHandler(logging.Handler):
+    """img2vid's log messages on stderr (looked up when written, so that redirection and capture work)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _clear_progress()
+            sys.stderr.write(f"{PROG}: {record.levelname.lower()}: {self.format(record)}\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _error(message: str) -> None:
+    _clear_progress()
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _info(args, message: str) -> None:
+    if not args.quiet:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else "(no message)"
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _runtime_error(e: BaseException, label: str | None = None) -> None:
+    where = f"{label}: " if label else ""
+    _error(f"{where}{type(e).__name__}: {_first_line(e)}")
+    if _is_oom(e):
+        hint = "try --memory low, or a smaller --decode-chunk (e.g. 4), --frames or --size"
+    else:
+        hint = "run again with --debug to see the traceback"
+    print(f"{PROG}: hint: {hint}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    global _active
+    # 1. Values and paths: nothing heavy happens before all of them are known to be right.
+    kwargs = generate_kwargs(args)
+    seeds = parse_seeds(args)
+    fps = parse_fps(args.fps)
+    fmt = _choice("--format", args.format, OUTPUT_FORMATS)
+    dtype = _choice("--dtype", args.dtype, DTYPES)
+    memory = _choice("--memory", args.memory, MEMORY_MODES)
+    jobs, fmt = plan(args, seeds, fmt)
+    _check_codec(fmt)
+    _check_device(args.device)
+    several = len(jobs) > 1 or Path(args.input).is_dir()
+
+    failures: list[str] = []  # one message each, naming the file
+    bad = runtime_failed = False
+
+    def fail(message: str) -> None:
+        nonlocal bad
+        bad = True
+        _error(message)
+        failures.append(message)
+
+    # 2. Outputs that exist, and images that cannot be read: reported now, not after a model load.
+    ready = []
+    for job in jobs:
+        if (job.output.exists() or job.output.is_symlink()) and not args.overwrite:
+            fail(f"{job.output} already exists: use --overwrite to replace it")
+        else:
+            ready.append(job)
+    from .image import load_image  # imports torch: only now that the arguments are known to be right
+
+    unreadable = set()
+    for image in dict.fromkeys(job.image for job in ready):  # each image once, in order
+        try:
+            load_image(image).close()
+        except ImageError as e:
+            unreadable.add(image)
+            fail(str(e))
+    jobs = [job for job in ready if job.image not in unreadable]
+    if not jobs:
+        _report(failures, 0, several)
+        return EXIT_BAD_INPUT
+
+    # 3. The model, once.
+    import img2vid
+
+    started = time.perf_counter()
+    pipe = img2vid.load(
+        args.model,
+        device=args.device,
+        dtype=dtype,
+        memory=memory,
+        compile=False if args.no_compile else None,
+    )
+    dtype_name = str(pipe.dtype).removeprefix("torch.")
+    mode = getattr(pipe, "memory", memory)
+    reason = getattr(pipe, "memory_reason", "")
+    _info(
+        args,
+        f"loaded {pipe.source} on {pipe.device}, {dtype_name}, memory mode {mode}"
+        + (f" ({reason})" if reason else "")
+        + f", in {_duration(time.perf_counter() - started)}",
+    )
+    total_steps = kwargs.get("num_steps") or pipe.defaults["num_steps"]
+
+    # 4. One video per job.
+    made = 0
+    for i, job in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {job.label}" if len(jobs) > 1 else job.label
+        progress = None if args.quiet else Progress(label, total_steps)
+        _active = progress
+        t0 = time.perf_counter()
+        try:
+            video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **kwargs)
+            path = video.save(job.output, overwrite=args.overwrite, fps=fps)
+        except Img2VidError as e:  # a bad image, an output that appeared meanwhile, ...
+            if args.debug:
+                raise
+            fail(str(e))
+            continue
+        except Exception as e:
+            if args.debug:
+                raise
+            _runtime_error(e, job.label if several else None)
+            failures.append(f"{job.label}: {type(e).__name__}: {_first_line(e)}")
+            runtime_failed = True
+            left = len(jobs) - i
+            if left:  # out of memory or a broken device: the next ones would fail the same way
+                print(f"{PROG}: stopping; {left} video(s) not made", file=sys.stderr, flush=True)
+            break
+        finally:
+            if progress is not None:
+                progress.clear()
+            _active = None
+        made += 1
+        play = fps if fps is not None else video.fps
+        print(
+            f"wrote {path}: {video.num_frames} frames, {video.width}x{video.height}, {play:g} fps, "
+            f"seed {video.params.get('seed', job.seed)}, {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    _report(failures, made, several)
+    return EXIT_RUNTIME if runtime_failed else EXIT_BAD_INPUT if bad else EXIT_OK
+
+
+def _report(failures: list[str], made: int, several: bool) -> None:
+    """After a folder or multi-seed run: what was made and what failed (each failure was also shown as it
+    happened)."""
+    if not several or not failures:
+        return
+    print(f"{PROG}: made {made} video(s); {len(failures)} failed:", file=sys.stderr)
+    for message in failures:
+        print(f"  {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoint import cached_path
+
+    rows = [("NAME", "FRAMES", "STEPS", "CFG", "LOCAL", "DESCRIPTION")]
+    weights = []
+    for name, cfg in PRESETS.items():
+        d = cfg.defaults
+        if cfg.hub_id is None:
+            local, where = "-", "weights: none, random (built in)"
+        else:
+            path = cached_path(cfg.hub_id, cfg.filename)
+            local = "yes" if path else "no"
+            where = f"weights: {cfg.hub_id} / {cfg.filename}" + (f"  (cached: {path})" if path else "")
+        rows.append(
+            (
+                name,
+                str(d.num_frames),
+                str(d.num_steps),
+                f"{d.min_cfg:.1f}-{d.max_cfg:.1f}",
+                local,
+                cfg.description,
+            )
+        )
+        weights.append(where)
+    lines = _table(rows)
+    indent = " " * (max(len(r[0]) for r in rows) + 2)
+    print(lines[0])
+    for line, where in zip(lines[1:], weights, strict=True):
+        print(line)
+        print(indent + where)
+    print(
+        "\nWeights not cached are downloaded on first use (the stabilityai repositories are gated: accept the "
+        "license on huggingface.co and log in or set HF_TOKEN). Any .safetensors file, diffusers folder or hub "
+        "id also works as --model."
+    )
+    return EXIT_OK
+
+
+def _doctor_model(name: str) -> list[tuple[str, str]]:
+    from .checkpoint import cached_path, is_diffusers_folder
+
+    cfg = PRESETS.get(name)
+    if cfg is not None and cfg.hub_id is None:
+        return [(f"model {name}", "random weights, built in: nothing to download")]
+    if cfg is not None:
+        path = cached_path(cfg.hub_id, cfg.filename)
+        return [
+            (f"model {name}", f"downloads {cfg.filename} from https://huggingface.co/{cfg.hub_id}"),
+            ("  cached", str(path) if path else "no (downloaded on first use)"),
+        ]
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir():
+            kind = (
+                "a diffusers folder" if is_diffusers_folder(p) else "a folder, but not a diffusers SVD folder"
+            )
+        else:
+            kind = "a file" + ("" if p.suffix.lower() == ".safetensors" else " (only .safetensors is read)")
+        return [(f"model {name}", f"local: {kind}")]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        known = next((c for c in PRESETS.values() if c.hub_id == name), None)
+        filename = known.filename if known else "model_index.json"
+        path = cached_path(name, filename)
+        what = f"{filename}" if known else "the diffusers parts"
+        return [
+            (f"model {name}", f"hub repository: downloads {what}"),
+            ("  cached", str(path) if path else "no (downloaded on first use)"),
+        ]
+    return [(f"model {name}", f"not a preset ({', '.join(PRESETS)}), an existing path or a hub id")]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rows: list[tuple[str, str]] = [
+        ("img2vid", __version__),
+        ("python", f"{sys.version.split()[0]} ({sys.executable})"),
+    ]
+
+    def section(fn) -> None:
+        try:
+            rows.extend(fn())
+        except Exception as e:  # doctor reports; it never fails
+            rows.append((getattr(fn, "__name__", "check").strip("_"), f"error: {type(e).__name__}: {e}"))
+
+    def _torch():
+        import torch
+
+        from . import runtime
+        from .pipeline import default_device, default_dtype
+
+        out = [("torch", torch.__version__)]
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "none (CPU-only build)"
+        if getattr(torch.version, "hip", None):
+            build = f"ROCm {torch.version.hip}"
+        out.append(("  GPU build", build))
+        available = torch.cuda.is_available()
+        out.append(("  CUDA available", "yes" if available else "no"))
+        for i in range(torch.cuda.device_count() if available else 0):
+            props = torch.cuda.get_device_properties(i)
+            free = runtime.free_vram_gib(torch.device(f"cuda:{i}"))
+            free_text = f", {free:.1f} GiB free" if free is not None else ""
+            out.append((f"  GPU {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB{free_text}"))
+        device = default_device()
+        mode, why = runtime.choose_memory_mode(device, "auto")
+        dtype = str(default_dtype(device)).removeprefix("torch.")
+        out.append(("  default device", f"{device}, {dtype}"))
+        out.append(("  memory mode (auto)", f"{mode} ({why})"))
+        return out
+
+    def _video():
+        from PIL import __version__ as pil_version
+
+        from .video import codecs_available
+
+        try:
+            import av
+
+            ffmpeg = getattr(av, "ffmpeg_version_info", None)
+            out = [("PyAV", av.__version__ + (f" (FFmpeg {ffmpeg})" if ffmpeg else ""))]
+        except ImportError:
+            out = [("PyAV", "not installed (needed for mp4, webm and gif): pip install av")]
+        out.append(("Pillow", pil_version))
+        codecs = codecs_available()
+        out.append(("  codecs", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in codecs.items())))
+        return out
+
+    def _hub():
+        out = _doctor_model(args.model)
+        try:
+            from huggingface_hub import __version__ as hub_version
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            out.append(("huggingface_hub", f"{hub_version}, cache {HF_HUB_CACHE}"))
+        except ImportError:
+            out.append(("huggingface_hub", "not installed: pip install huggingface_hub"))
+        offline = os.environ.get("HF_HUB_OFFLINE")
+        out.append(("  HF_HUB_OFFLINE", f"set ({offline})" if offline else "not set"))
+        out.append(("  HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "not set"))  # never its value
+        return out
+
+    section(_torch)
+    section(_video)
+    section(_hub)
+    width = max(len(k) for k, _ in rows) + 2
+    for key, value in rows:
+        print(f"{key + ':':<{width}}{value}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) and return the exit status."""
+    global _active
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors (argparse already printed them)
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT if e.code else EXIT_OK
+    debug = bool(getattr(args, "debug", False))
+    logger = logging.getLogger("img2vid")
+    handler, old_level = _LogHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _clear_progress()
+        print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Img2VidError as e:
+        if debug:
+            raise
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        if debug:
+            raise
+        _runtime_error(e)
+        return EXIT_RUNTIME
+    finally:
+        _active = None
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
