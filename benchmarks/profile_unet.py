@@ -99,7 +99,9 @@ def main():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 call(m, inp)
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+            table = prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=30, max_name_column_width=90
+            )
             Path(a.out, f"profile_{v}.txt").write_text(table)
             print(table[:6000], flush=True)
     from torch.utils.flop_counter import FlopCounterMode

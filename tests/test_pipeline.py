@@ -77,6 +77,7 @@ def test_matches_diffusers_pipeline(pair):
     )
     assert sorted(final) == list(range(1, STEPS + 1))
     frames, _ = pipe.decode(final[STEPS], T)
+    frames = frames.cpu()
     assert frames.std() > 0.05  # not a flat image: the comparison means something
     err = (frames - expect).abs().max().item()
     assert err <= 1e-3, f"frames differ from diffusers by {err:.2e}"
@@ -216,3 +217,34 @@ def test_low_memory_mode_gives_the_same_video(tiny):
     finally:
         tiny.setup("fast")
     assert np.abs(fast - low).max() <= 1
+
+
+def test_channels_last_weights_change_nothing():
+    """The GPU layout (NHWC/NDHWC weights and inputs) must give the same numbers; checked here on the CPU."""
+    from img2vid import runtime
+
+    a = img2vid.load("tiny", device="cpu")
+    b = img2vid.load("tiny", device="cpu")
+    runtime.use_channels_last(b.unet)
+    runtime.use_channels_last(b.vae)
+    assert (
+        b.unet.input_blocks[1][0]
+        .time_stack.in_layers[2]
+        .weight.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+    x = torch.randn(6, 8, 32, 32)
+    args = (torch.zeros(6), torch.randn(6, 1, 32), torch.randn(6, 3), 3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            b.unet(x.contiguous(memory_format=torch.channels_last), *args),
+            a.unet(x, *args),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        z = torch.randn(3, 4, 32, 32)
+        torch.testing.assert_close(
+            b.vae.decode(z.contiguous(memory_format=torch.channels_last), 3),
+            a.vae.decode(z, 3),
+            rtol=1e-4,
+            atol=1e-4,
+        )

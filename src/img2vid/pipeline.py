@@ -52,6 +52,7 @@ class Pipeline:
         self.memory, self.memory_reason = "fast", "default"
         self.compiled = False
         self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
+        self.decoder_forward = self.vae.decoder  # and the compiled decoder
 
     def setup(self, memory: str = "fast", reason: str = "as asked", compile: bool | None = None) -> Pipeline:
         """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet
@@ -73,10 +74,18 @@ class Pipeline:
         if compile and not self.compiled:
             runtime.enable_compile_cache()
             self.unet_forward = torch.compile(self.unet, fullgraph=True, dynamic=False)
+            self.decoder_forward = torch.compile(self.vae.decoder, fullgraph=True, dynamic=False)
             self.compiled = True
         elif not compile:
-            self.unet_forward, self.compiled = self.unet, False
+            self.unet_forward, self.decoder_forward, self.compiled = self.unet, self.vae.decoder, False
         return self
+
+    def default_decode_chunk(self) -> int:
+        """The reference's 14 frames at a time; low-memory mode on a GPU decodes fewer (see runtime)."""
+        chunk = self.config.defaults.decode_chunk_size
+        if self.memory == "low" and self.device.type == "cuda":
+            return min(chunk, runtime.LOW_MEMORY_DECODE_CHUNK)
+        return chunk
 
     @contextlib.contextmanager
     def _resident(self, *modules: nn.Module):
@@ -153,7 +162,7 @@ class Pipeline:
             width=width,
             height=height,
             fit=fit,
-            decode_chunk_size=d.decode_chunk_size if decode_chunk_size is None else decode_chunk_size,
+            decode_chunk_size=self.default_decode_chunk() if decode_chunk_size is None else decode_chunk_size,
         ).validate()
         started = time.perf_counter()
         pil = prepare_image(image, p.width, p.height, p.fit)
@@ -200,6 +209,12 @@ class Pipeline:
             "seconds": round(time.perf_counter() - started, 3),
             "img2vid": _version,
         }
+        if chunk != d.decode_chunk_size and decode_chunk_size is None and chunk == p.decode_chunk_size:
+            params["note"] = (
+                f"decoded {chunk} frames at a time (low-memory mode) instead of the reference's "
+                f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
+                "slightly; pass decode_chunk_size to choose"
+            )
         if chunk != p.decode_chunk_size:
             params["note"] = (
                 f"decoded {chunk} frames at a time after running out of memory at {p.decode_chunk_size}"
@@ -264,7 +279,7 @@ class Pipeline:
         return denoise
 
     def decode(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
-        """Latents -> frames (T, 3, H, W) float32 in [0, 1] on the CPU, `chunk` frames at a time.
+        """Latents -> frames (T, 3, H, W) float32 in [0, 1] on the device, `chunk` frames at a time.
 
         The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
@@ -285,8 +300,8 @@ class Pipeline:
                 parts = []
                 for i in range(0, len(latents), chunk):
                     z = latents[i : i + chunk].to(self.dtype).contiguous(memory_format=fmt)
-                    x = self.vae.decode(z, num_frames=len(z)).float()
-                    parts.append(((x + 1) / 2).clamp(0, 1).cpu())
+                    x = self.decoder_forward(z / self.config.vae.scale_factor, len(z)).float()
+                    parts.append(((x + 1) / 2).clamp(0, 1))
                 return torch.cat(parts), chunk
             except torch.OutOfMemoryError:
                 if chunk == 1:
@@ -306,9 +321,9 @@ class Pipeline:
 
 
 def to_uint8(frames: torch.Tensor):
-    """(T, 3, H, W) in [0, 1] -> numpy uint8 (T, H, W, 3). Truncates like the reference script (x * 255 cast
-    to uint8), so that a seed gives the reference's pixels."""
-    return frames.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    """(T, 3, H, W) in [0, 1] -> numpy uint8 (T, H, W, 3), quantised where the frames are (a quarter of the bytes
+    to copy). Truncates like the reference script (x * 255 cast to uint8), so a seed gives its pixels."""
+    return frames.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def _given(t: torch.Tensor | None, shape: tuple, name: str, device, drawn: torch.Tensor) -> torch.Tensor:

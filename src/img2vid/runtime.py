@@ -1,9 +1,11 @@
 """How a loaded pipeline runs on its device: the memory mode and compilation.
 
 fast -- everything resident on the GPU, both guidance halves in one batch, torch.compile'd UNet.
-low  -- for small GPUs: guidance halves one after the other, the image encoder and VAE encoder leave the GPU
-        once the conditioning is computed, the UNet leaves it while decoding. Same numbers as fast mode
-        up to floating-point reassociation: nothing is approximated.
+low  -- for small GPUs: guidance halves one after the other, the image encoder and the VAE stay off the GPU
+        except while they run, the UNet leaves it while decoding, and decoding takes 7 frames at a time
+        instead of the reference's 14 (LOW_MEMORY_DECODE_CHUNK). Sampling gives the same numbers as fast
+        mode up to floating-point reassociation; the smaller decode chunk changes the video slightly
+        (say decode_chunk_size=14 to keep the reference's, at about 10 GiB peak).
 auto -- fast when the free memory allows it, else low.
 """
 
@@ -12,9 +14,12 @@ from __future__ import annotations
 import torch
 
 MODES = ("auto", "fast", "low")
-# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom (measured peak: see
-# benchmarks/RESULTS.md); below it, auto picks low.
-FAST_MIN_FREE_GIB = 24.0
+# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 14.2 GiB
+# allocated (benchmarks/RESULTS.md). Below it, auto picks low.
+FAST_MIN_FREE_GIB = 20.0
+# Decoding 14 frames of 576x1024 at once peaks at 10.0 GiB; 7 at a time at 5.2 GiB (H200, RESULTS.md). Low mode
+# decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes a chunk's frames).
+LOW_MEMORY_DECODE_CHUNK = 7
 
 
 def free_vram_gib(device: torch.device) -> float | None:
@@ -41,11 +46,12 @@ def choose_memory_mode(device: torch.device, requested: str = "auto") -> tuple[s
 def use_channels_last(module: torch.nn.Module) -> None:
     """NHWC (and NDHWC for the temporal 3-D convs) weights: cuDNN's tensor-core convolutions want them, and the
     (B*T, C, H, W) <-> (B, C, T, H, W) views of the temporal layers then need no transposes."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.to(memory_format=torch.channels_last)
-        elif isinstance(m, torch.nn.Conv3d):
-            m.to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+            elif p.ndim == 5:
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
 
 
 def enable_compile_cache() -> None:
@@ -60,12 +66,17 @@ def enable_compile_cache() -> None:
 
 
 def offload(module: torch.nn.Module) -> None:
-    """Move a module to pinned CPU memory (fast to bring back with non-blocking copies)."""
+    """Free a module's GPU memory. Its weights keep one pinned CPU copy, made on the first offload and reused
+    (weights are read-only at inference), so later offloads cost nothing and onloads are one fast copy."""
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type != "cpu":
-            cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-            cpu.copy_(t, non_blocking=False)
-            t.data = cpu
+        if t.device.type == "cpu":
+            continue
+        cpu = getattr(t, "_img2vid_cpu", None)
+        if cpu is None:
+            cpu = torch.empty_like(t, device="cpu", pin_memory=torch.cuda.is_available())  # keeps the layout
+            cpu.copy_(t)
+            t._img2vid_cpu = cpu
+        t.data = cpu
 
 
 def onload(module: torch.nn.Module, device: torch.device) -> None:

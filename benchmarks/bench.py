@@ -1,0 +1,400 @@
+"""End-to-end speed and memory of img2vid against diffusers, full-size SVD networks, random weights (GPU).
+
+Timing and memory do not depend on the weights' values, so random weights measure exactly what the released
+checkpoints would. Both pipelines get the SAME weights: diffusers' modules are built and randomised, and
+img2vid loads them through its own diffusers key table.
+
+    python benchmarks/bench.py --parts fast,diffusers,exact --out $OUT     # see README for the device command
+
+Parts:
+  fast       SVD-XT defaults (25 frames, 576x1024, 25 steps, euler, cfg 1.5->3.0) in fast mode: compile
+             seconds, end-to-end seconds, UNet seconds per step, decode seconds, peak memory, TFLOP/s
+  recompile  the same in a second process: the compile cache is reused across processes
+  low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
+  svd        SVD (14 frames, 25 steps, cfg 1.0->2.5) in fast mode
+  exact      fast-mode frames against fp32 eager frames of the same inputs (fewer steps; see --exact-steps)
+  diffusers  diffusers' StableVideoDiffusionPipeline, fp16 eager, decode_chunk_size 8, as
+             shared/bench/diffusers_baseline.py measures it
+  load       a full-size fp16 single file from the page cache to a GPU-ready pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from img2vid import checkpoint  # noqa: E402
+from img2vid.config import PRESETS  # noqa: E402
+from img2vid.models import build, init_random  # noqa: E402
+from img2vid.pipeline import Pipeline  # noqa: E402
+
+REF_UNET_TFLOP = (
+    159.9  # one UNet call, CFG batch 2 x 25 frames, 576x1024, as counted for the reference figures
+)
+DEV = torch.device("cuda")
+W, H = 1024, 576
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def image() -> np.ndarray:
+    return np.random.RandomState(0).randint(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def random_pipeline(name: str, dtype: torch.dtype, memory: str = "fast", compile: bool = True) -> Pipeline:
+    cfg = PRESETS[name]
+    nets = build(cfg, "meta")
+    for i, net in enumerate(nets.values()):
+        net.to_empty(device=DEV)
+        init_random(net, seed=i)
+        net.to(dtype)
+    return Pipeline(cfg, nets, DEV, dtype, source=f"{name} (random weights)").setup(
+        memory, "benchmark", compile
+    )
+
+
+def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chunks=()) -> dict:
+    """Compile/warm-up, then `runs` timed end-to-end generations; per-step UNet and decode timings."""
+    img = image()
+    out: dict = {}
+    t0 = time.perf_counter()
+    pipe.generate(img, num_frames=frames, num_steps=2, seed=1)
+    out["warmup_s"] = sync_time() - t0  # includes compiling the UNet for this shape
+    step_times: list[float] = []
+    e2e = []
+    torch.cuda.reset_peak_memory_stats()
+    for r in range(runs):
+        last = [sync_time()]
+
+        def cb(step, total, latents, last=last):
+            now = sync_time()
+            step_times.append(now - last[0])
+            last[0] = now
+
+        t = sync_time()
+        video = pipe.generate(
+            img, num_frames=frames, num_steps=steps, seed=1, callback=cb if r == runs - 1 else None
+        )
+        e2e.append(sync_time() - t)
+    out["e2e_s"] = min(e2e)
+    out["e2e_runs_s"] = e2e
+    out["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    out["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+    out["resident_GiB"] = torch.cuda.memory_allocated() / 2**30
+    out["unet_s_per_step"] = float(np.median(step_times[1:]))  # sampler step = one guided UNet evaluation
+    # Decode alone, with the pipeline's own chunking.
+    lat = torch.randn(frames, 4, H // 8, W // 8, device=DEV)
+    pipe.decode(lat, pipe.default_decode_chunk())
+    torch.cuda.reset_peak_memory_stats()
+    t = sync_time()
+    pipe.decode(lat, pipe.default_decode_chunk())
+    out["decode_s"] = sync_time() - t
+    out["decode_peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    for chunk in a_decode_chunks:  # what smaller decode chunks would cost in memory (they change the video)
+        pipe.decode(lat, chunk)
+        torch.cuda.reset_peak_memory_stats()
+        t = sync_time()
+        pipe.decode(lat, chunk)
+        out[f"decode_chunk{chunk}_s"] = sync_time() - t
+        out[f"decode_chunk{chunk}_peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if pipe.compiled:  # the same decode without the compiled decoder, for comparison
+        compiled, pipe.decoder_forward = pipe.decoder_forward, pipe.vae.decoder
+        pipe.decode(lat, pipe.default_decode_chunk())
+        t = sync_time()
+        pipe.decode(lat, pipe.default_decode_chunk())
+        out["decode_eager_s"] = sync_time() - t
+        pipe.decoder_forward = compiled
+    out["frames_shape"] = list(video.frames.shape)
+    out["black_frames"] = int((video.frames.reshape(frames, -1).max(1) == 0).sum())
+    return out
+
+
+KEEP: dict = {}  # the fast pipeline, reused by the exactness check (compiling twice costs minutes)
+
+
+def fast_pipeline() -> Pipeline:
+    if "fast" not in KEEP:
+        KEEP["fast"] = random_pipeline("svd-xt", torch.float16)
+    return KEEP["fast"]
+
+
+def part_fast(a, res):
+    pipe = fast_pipeline()
+    r = measure(pipe, 25, a.steps)
+    r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
+    res["fast"] = r
+    # Frames for the exactness check (compared later with an fp32 eager run of the same weights and inputs).
+    KEEP["exact_frames"] = pipe.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames
+
+
+def part_recompile(a, res):
+    """A fresh process compiles the same UNet: Inductor's on-disk cache should make it quick."""
+    code = (
+        f"import sys, json, time; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import bench, torch; t=time.perf_counter(); p=bench.random_pipeline('svd-xt', torch.float16); "
+        "p.generate(bench.image(), num_frames=25, num_steps=2, seed=1); torch.cuda.synchronize();"
+        "print('RESULT', json.dumps({'second_process_warmup_s': time.perf_counter()-t}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    res["recompile"] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
+
+
+def part_low(a, res):
+    import gc
+
+    KEEP.pop("fast", None)  # measure low mode's peak alone: drop the fast pipeline and its compiled code
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    pipe = random_pipeline("svd-xt", torch.float16, memory="low")
+    res["low"] = measure(pipe, 25, a.steps, runs=1, a_decode_chunks=(14,))
+    if "exact_frames" not in KEEP:  # compiled fp16 frames for the exactness check, if part_fast made none
+        KEEP["exact_frames"] = pipe.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames
+        KEEP["exact_mode"] = "low"
+
+
+def part_svd(a, res):
+    pipe = random_pipeline("svd", torch.float16)
+    res["svd_fast"] = measure(pipe, 14, a.steps, runs=1)
+
+
+def part_exact(a, res):
+    """fp16 compiled fast-mode frames (made in part_fast) against fp32 eager frames of the same weights and
+    inputs. The weights are redrawn with the same seeds in fp32 (the fast pipeline holds their fp16 rounding)."""
+    v16 = KEEP["exact_frames"].astype(np.float32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+    try:
+        nets = build(PRESETS["svd-xt"], "meta")
+        for i, net in enumerate(nets.values()):
+            net.to_empty(device=DEV)
+            init_random(net, seed=i)
+        mode = KEEP.get(
+            "exact_mode", "fast"
+        )  # the same batching and decode chunk as the frames compared with
+        ref = Pipeline(PRESETS["svd-xt"], nets, DEV, torch.float32).setup(mode, "reference", compile=False)
+        print(f"fp32 reference built ({mode} mode)", flush=True)
+        t = time.perf_counter()
+        v32 = ref.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames.astype(np.float32)
+        print(f"fp32 eager generate: {time.perf_counter() - t:.1f} s", flush=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    d = np.abs(v16 - v32)
+    res["exact"] = {
+        "fast_frames_from": KEEP.get("exact_mode", "fast") + " mode, compiled fp16",
+        "steps": a.exact_steps,
+        "mean_abs_diff_uint8": float(d.mean()),
+        "p99_abs_diff_uint8": float(np.percentile(d, 99)),
+        "max_abs_diff_uint8": float(d.max()),
+        "nan": bool(np.isnan(v16).any()),
+        "black_frames_fast": int((v16.reshape(25, -1).max(1) == 0).sum()),
+        "frame_std_fast": float(v16.std()),
+        "frame_std_fp32": float(v32.std()),
+    }
+
+
+def part_diffusers(a, res):
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    dt = torch.float16
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        unet = UNetSpatioTemporalConditionModel().to(DEV, dt)
+        vae = AutoencoderKLTemporalDecoder(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+            force_upcast=True,
+        ).to(DEV, dt)
+        enc = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_attention_heads=16,
+                num_hidden_layers=32,
+                patch_size=14,
+                image_size=224,
+                projection_dim=1024,
+                hidden_act="gelu",
+            )
+        ).to(DEV, dt)
+    for m in (unet, vae, enc):
+        init_random(m, seed=7)
+    sched = EulerDiscreteScheduler(
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    fe = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        do_normalize=True,
+        do_resize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        resample=3,
+        size={"shortest_edge": 224},
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=enc, unet=unet, scheduler=sched, feature_extractor=fe
+    )
+    pipe.set_progress_bar_config(disable=True)
+    img = Image.fromarray(image())
+
+    def run(steps, chunk=8):
+        t = sync_time()
+        pipe(
+            img,
+            height=H,
+            width=W,
+            num_frames=25,
+            num_inference_steps=steps,
+            decode_chunk_size=chunk,
+            output_type="np",
+            generator=torch.Generator(DEV).manual_seed(1),
+        )
+        return sync_time() - t
+
+    run(2)
+    torch.cuda.reset_peak_memory_stats()
+    r = {"e2e_s": run(a.steps), "peak_alloc_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    # The same weights in img2vid, through its diffusers key table, copied into the already compiled fast
+    # pipeline (same shapes: no recompile): a like-for-like second measurement.
+    sds = {"unet": unet.state_dict(), "vae": vae.state_dict(), "image_encoder": enc.state_dict()}
+    ours = fast_pipeline()
+    mine = {
+        c: m.state_dict()
+        for c, m in (("unet", ours.unet), ("vae", ours.vae), ("image_encoder", ours.image_encoder))
+    }
+    copied = 0
+    with torch.no_grad():
+        for comp, sd in sds.items():
+            for key, get in checkpoint._convert(
+                comp, {k: (lambda t=t: t) for k, t in sd.items()}, PRESETS["svd-xt"]
+            ):
+                if key.startswith(checkpoint.QUANT_CONV):
+                    continue  # random quant_conv: not folded here, the encoder keeps its own conv_out
+                mine[comp][key[len(checkpoint.PREFIX[comp]) :]].copy_(get())
+                copied += 1
+    r["weights_copied"] = copied
+    pipe = unet = vae = enc = sds = None
+    torch.cuda.empty_cache()
+    same = measure(ours, 25, a.steps, runs=1)
+    r["img2vid_same_weights_e2e_s"] = same["e2e_s"]
+    res["diffusers"] = r
+
+
+def part_load(a, res):
+    """Write a full-size fp16 single file, read it once (page cache), then time load() to a ready pipeline."""
+    from safetensors.torch import save_file
+
+    pipe = random_pipeline("svd-xt", torch.float16, compile=False)
+    tensors = {}
+    for comp, net in (("unet", pipe.unet), ("vae", pipe.vae), ("image_encoder", pipe.image_encoder)):
+        for k, v in net.state_dict().items():
+            tensors[checkpoint.PREFIX[comp] + k] = v.contiguous().cpu()
+    q = torch.eye(8, dtype=torch.float16).view(8, 8, 1, 1)
+    tensors[checkpoint.QUANT_CONV + "weight"], tensors[checkpoint.QUANT_CONV + "bias"] = (
+        q,
+        torch.zeros(8).half(),
+    )
+    del pipe
+    with tempfile.TemporaryDirectory(dir=a.tmp) as d:
+        path = Path(d) / "svd_xt.safetensors"
+        save_file(tensors, str(path))
+        del tensors
+        path.read_bytes()  # into the page cache
+        import img2vid
+
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            p = img2vid.load(path, device="cuda", dtype=torch.float16, compile=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            del p
+            torch.cuda.empty_cache()
+        res["load"] = {"file_GB": path.stat().st_size / 1e9, "load_s": times}
+
+
+PARTS = {
+    "fast": part_fast,
+    "recompile": part_recompile,
+    "low": part_low,
+    "svd": part_svd,
+    "exact": part_exact,
+    "diffusers": part_diffusers,
+    "load": part_load,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="fast,diffusers,low,exact")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--exact-steps", type=int, default=4)
+    ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    res = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for part in a.parts.split(","):
+        t = time.perf_counter()
+        try:
+            PARTS[part](a, res)
+        except Exception as e:  # report and go on: one broken part must not lose the others' figures
+            import traceback
+
+            traceback.print_exc()
+            res[part] = {"error": f"{type(e).__name__}: {e}"}
+        res.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t, 1)
+        print(json.dumps({part: res.get(part) or res.get("svd_fast")}, default=str), flush=True)
+        torch.cuda.empty_cache()
+        Path(a.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
+    if "fast" in res and "diffusers" in res and "e2e_s" in res.get("diffusers", {}):
+        res["ratio_fast_vs_diffusers_e2e"] = res["fast"]["e2e_s"] / res["diffusers"]["e2e_s"]
+    if "low" in res and "fast" in res and "e2e_s" in res.get("low", {}):
+        res["ratio_low_vs_fast_e2e"] = res["low"]["e2e_s"] / res["fast"]["e2e_s"]
+    Path(a.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
