@@ -248,3 +248,26 @@ def test_channels_last_weights_change_nothing():
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_decode_retries_smaller_chunks_on_out_of_memory(tiny, caplog):
+    """A decode that runs out of GPU memory is retried with half the chunk, and the video says so."""
+    real = tiny.decoder_forward
+    seen = []
+
+    def flaky(z, num_frames):
+        seen.append(num_frames)
+        if num_frames > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(z, num_frames)
+
+    tiny.decoder_forward = flaky
+    try:
+        with caplog.at_level("WARNING", logger="img2vid"):
+            v = tiny.generate(
+                np.zeros((256, 256, 3), np.uint8), width=256, height=256, num_frames=3, num_steps=1
+            )
+    finally:
+        tiny.decoder_forward = real
+    assert seen[:2] == [3, 2] and v.params["decode_chunk_size"] == 1
+    assert "out of memory" in v.params["note"] and "retrying with 1" in caplog.text

@@ -197,7 +197,11 @@ def _add_generate_parser(sub) -> None:
         default="auto",
         help="fast: all on the GPU; low: for small GPUs, same result; auto: by free memory (default)",
     )
-    r.add_argument("--no-compile", action="store_true", help="do not torch.compile the UNet (faster start)")
+    r.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="do not torch.compile the UNet and VAE decoder (faster start, slower run)",
+    )
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--quiet", action="store_true", help="no progress or loading messages")
     r.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")

@@ -56,7 +56,7 @@ NONE_MEANS = {
     "width": "from the image",
     "height": "from the image",
     "seed": "random",
-    "decode_chunk_size": "all frames at once",
+    "decode_chunk_size": "the model's default (the reference decodes 14 frames at a time)",
 }
 IMAGE_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 MULTIPART_SLACK = 64 * 1024  # room for the parameter fields and multipart framing around the image

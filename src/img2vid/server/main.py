@@ -30,7 +30,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_workers(model: str, device=None, dtype=None) -> list[LocalWorker]:
+def make_workers(
+    model: str, device=None, dtype=None, memory: str = "auto", compile=None
+) -> list[LocalWorker]:
     """One LocalWorker per GPU when no device is named, else one on `device`; each loads in the background."""
     import img2vid
 
@@ -42,7 +44,12 @@ def make_workers(model: str, device=None, dtype=None) -> list[LocalWorker]:
     else:
         devices = [device]
     return [
-        LocalWorker(load=functools.partial(img2vid.load, model, device=d, dtype=dtype), name=model)
+        LocalWorker(
+            load=functools.partial(
+                img2vid.load, model, device=d, dtype=dtype, memory=memory, compile=compile
+            ),
+            name=model,
+        )
         for d in devices
     ]
 
@@ -55,6 +62,8 @@ def serve(
     token: str | None = None,
     device=None,
     dtype=None,
+    memory: str = "auto",
+    compile: bool | None = None,
     max_queue: int = 100,
     max_upload_mb: float = 20,
     log_level: str = "info",
@@ -79,7 +88,7 @@ def serve(
         raise Img2VidError(str(e)) from None
     except OSError as e:
         raise Img2VidError(f"cannot use data directory {data_dir}: {e}") from None
-    workers = make_workers(model, device, dtype)
+    workers = make_workers(model, device, dtype, memory, compile)
     app = create_app(
         data_dir,
         workers,
@@ -89,7 +98,8 @@ def serve(
         allowed_hosts=LOOPBACK_NAMES | {host} if is_loopback(host) and not token else None,
     )
     logging.getLogger("img2vid.server").setLevel(log_level.upper())
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger("img2vid").handlers:  # the CLI already installed one: don't print twice
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shown = f"[{host}]" if ":" in host else host
     print(
         f"img2vid: serving {model} from {data_dir} on http://{shown}:{port}/  (API docs: /docs)", flush=True
@@ -114,7 +124,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV}, which keeps it out of `ps`)",
     )
     p.add_argument("--device", default=None, help="torch device (default: one worker per GPU, else cpu)")
-    p.add_argument("--dtype", default=None, help="weights dtype (default: the model's choice for the device)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp16", "bf16", "fp32"],
+        help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--memory",
+        default="auto",
+        choices=["auto", "fast", "low"],
+        help="fast: all on the GPU; low: fits about 6 GiB; auto: by free VRAM (default)",
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="do not torch.compile (faster start, slower jobs)"
+    )
     p.add_argument("--max-queue", type=int, default=100, help="queued jobs before POST answers 429")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload in MB")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -130,6 +154,8 @@ def run_serve(args: argparse.Namespace) -> int:
         token=args.token,
         device=args.device,
         dtype=args.dtype,
+        memory=args.memory,
+        compile=False if args.no_compile else None,
         max_queue=args.max_queue,
         max_upload_mb=args.max_upload_mb,
         log_level=args.log_level,
