@@ -209,14 +209,9 @@ def part_exact(a, res):
 
 
 def part_diffusers(a, res):
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     dt = torch.float16
     torch.manual_seed(0)
@@ -245,33 +240,10 @@ def part_diffusers(a, res):
         ).to(DEV, dt)
     for m in (unet, vae, enc):
         init_random(m, seed=7)
-    sched = EulerDiscreteScheduler(
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        interpolation_type="linear",
-        num_train_timesteps=1000,
-        prediction_type="v_prediction",
-        sigma_max=700.0,
-        sigma_min=0.002,
-        steps_offset=1,
-        timestep_spacing="leading",
-        timestep_type="continuous",
-        use_karras_sigmas=True,
-    )
-    fe = CLIPImageProcessor(
-        crop_size={"height": 224, "width": 224},
-        do_center_crop=True,
-        do_normalize=True,
-        do_resize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-        size={"shortest_edge": 224},
-    )
-    pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=enc, unet=unet, scheduler=sched, feature_extractor=fe
-    )
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from svd_reference import reference_pipeline  # the released scheduler settings, shared with the tests
+
+    pipe = reference_pipeline(unet, vae, enc)
     pipe.set_progress_bar_config(disable=True)
     img = Image.fromarray(image())
 

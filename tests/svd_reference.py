@@ -69,11 +69,12 @@ def tiny_components(seed: int = 0):
     return unet, vae, enc
 
 
-def tiny_pipeline(seed: int = 0):
+def reference_pipeline(unet, vae, image_encoder):
+    """diffusers' StableVideoDiffusionPipeline around the given modules, with the released scheduler and
+    feature-extractor settings (those of stabilityai/stable-video-diffusion-img2vid-xt)."""
     from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
     from transformers import CLIPImageProcessor
 
-    unet, vae, enc = tiny_components(seed)
     sched = EulerDiscreteScheduler(
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -99,8 +100,12 @@ def tiny_pipeline(seed: int = 0):
         size={"shortest_edge": 224},
     )
     return StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=enc, unet=unet, scheduler=sched, feature_extractor=fe
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=sched, feature_extractor=fe
     )
+
+
+def tiny_pipeline(seed: int = 0):
+    return reference_pipeline(*tiny_components(seed))
 
 
 def save_tiny_folder(path: Path, seed: int = 0):

@@ -7,7 +7,7 @@ The numbers of the full-size presets are those of the reference configs (generat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -149,15 +149,6 @@ PRESETS: dict[str, ModelConfig] = {
         description="random weights, a few MB, for tests and smoke runs",
     ),
 }
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """The preset `name`, with top-level fields replaced by `overrides`."""
-    try:
-        cfg = PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def to_dict(cfg: ModelConfig) -> dict:

@@ -63,7 +63,7 @@ class Pipeline:
             runtime.use_channels_last(self.unet)
             runtime.use_channels_last(self.vae)
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
-        if memory == "low" and cuda:
+        if self.offloading:
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
             runtime.offload(self.image_encoder)
             runtime.offload(self.vae)
@@ -80,17 +80,20 @@ class Pipeline:
             self.unet_forward, self.decoder_forward, self.compiled = self.unet, self.vae.decoder, False
         return self
 
+    @property
+    def offloading(self) -> bool:
+        """Low-memory mode on a GPU: networks move on and off the device around their use."""
+        return self.memory == "low" and self.device.type == "cuda"
+
     def default_decode_chunk(self) -> int:
         """The reference's 14 frames at a time; low-memory mode on a GPU decodes fewer (see runtime)."""
         chunk = self.config.defaults.decode_chunk_size
-        if self.memory == "low" and self.device.type == "cuda":
-            return min(chunk, runtime.LOW_MEMORY_DECODE_CHUNK)
-        return chunk
+        return min(chunk, runtime.LOW_MEMORY_DECODE_CHUNK) if self.offloading else chunk
 
     @contextlib.contextmanager
     def _resident(self, *modules: nn.Module):
-        """In low-memory mode, bring `modules` to the GPU for the block and send them back after."""
-        low = self.memory == "low" and self.device.type == "cuda"
+        """When offloading, bring `modules` to the GPU for the block and send them back after."""
+        low = self.offloading
         if low:
             for m in modules:
                 runtime.onload(m, self.device)
@@ -107,7 +110,8 @@ class Pipeline:
 
     @property
     def defaults(self) -> dict:
-        return asdict(self.config.defaults)
+        """The values generate() uses for parameters left out (decode chunk as the memory mode sets it)."""
+        return {**asdict(self.config.defaults), "decode_chunk_size": self.default_decode_chunk()}
 
     @torch.no_grad()
     def generate(
@@ -144,13 +148,11 @@ class Pipeline:
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
         """
         d = self.config.defaults
+        if num_steps is None:
+            num_steps = d.num_steps if sigmas is None else len(sigmas) - 1
         p = GenerateParams(
             num_frames=d.num_frames if num_frames is None else num_frames,
-            num_steps=num_steps
-            if num_steps is not None
-            else len(sigmas) - 1
-            if sigmas is not None
-            else d.num_steps,
+            num_steps=num_steps,
             fps_id=fps_id,
             motion_bucket_id=motion_bucket_id,
             cond_aug=cond_aug,
@@ -283,7 +285,7 @@ class Pipeline:
 
         The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
-        low = self.memory == "low" and self.device.type == "cuda"
+        low = self.offloading
         if low:  # the UNet's weights make room for the decoder's full-resolution activations
             runtime.offload(self.unet)
         try:
