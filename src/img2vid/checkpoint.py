@@ -73,11 +73,11 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _open_safetensors(path: Path):
+def _open_safetensors(path: Path, device: str = "cpu"):
     from safetensors import safe_open
 
     try:
-        return safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt", device=device)
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
 
@@ -101,8 +101,14 @@ def read_single_file(path: str | os.PathLike, variant: str | None = None) -> Wei
         cfg = _preset_for(name)
     log.info("%s: loading as %s (%s)", path.name, name, why)
 
+    handles = {"cpu": handle}
+
     def read(key: str, device: torch.device) -> torch.Tensor:
-        return handle.get_tensor(key).to(device)
+        # safetensors places each tensor on the device itself: no CPU copy of the model is ever built.
+        dev = str(device)
+        if dev not in handles:
+            handles[dev] = _open_safetensors(path, dev)
+        return handles[dev].get_tensor(key)
 
     return Weights(cfg, shapes, read, f"{path.name} as {name} ({why})")
 

@@ -53,8 +53,8 @@ CHOICE_HELP = {
     "fit": "how an image of another shape becomes width x height: crop the overflow or pad the rest",
 }
 NONE_MEANS = {
-    "width": "from the image",
-    "height": "from the image",
+    "width": "1024 (576 for a portrait image)",
+    "height": "576 (1024 for a portrait image)",
     "seed": "random",
     "decode_chunk_size": "the model's default (the reference decodes 14 frames at a time)",
 }
