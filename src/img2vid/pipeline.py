@@ -59,9 +59,12 @@ class Pipeline:
         (default: on CUDA). Called by `load`; call again to switch."""
         self.memory, self.memory_reason = memory, reason
         cuda = self.device.type == "cuda"
-        if cuda:
+        if cuda and self.dtype in (torch.float16, torch.bfloat16):
+            # Half precision only: that is where NHWC tensor-core convolutions were measured. The fp32 reference
+            # runs of the benchmark stalled with NDHWC 3-D convolutions (suspected slow fallback; see RESULTS.md).
             runtime.use_channels_last(self.unet)
             runtime.use_channels_last(self.vae)
+        if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
         if self.offloading:
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
@@ -252,7 +255,7 @@ class Pipeline:
         one, so the unconditional half is skipped."""
         guided = bool((scales != 1).any())
         T, dt = num_frames, self.dtype
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        fmt = self._memory_format()
         uncond = {k: v if k == "vector" else torch.zeros_like(v) for k, v in cond.items()}
         if not guided:
             batches = [cond]
@@ -295,8 +298,13 @@ class Pipeline:
             if low:
                 runtime.onload(self.unet, self.device)
 
+    def _memory_format(self) -> torch.memory_format:
+        """The layout of network inputs: channels-last where setup() made the weights channels-last."""
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        return torch.channels_last if self.device.type == "cuda" and half else torch.contiguous_format
+
     def _decode_chunks(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        fmt = self._memory_format()
         while True:
             try:
                 parts = []
