@@ -26,14 +26,12 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS
 from .errors import ImageError, Img2VidError
-from .params import CHOICES, MAX_SIDE, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
+from .params import CHOICES, DTYPES, MAX_SIDE, MEMORY_MODES, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
 
 PROG = "img2vid"
 DEFAULT_MODEL = "svd-xt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_FORMATS = ("mp4", "webm", "gif", "webp", "png")  # png: a folder of PNG frames
-DTYPES = ("fp16", "bf16", "fp32")
-MEMORY_MODES = ("auto", "fast", "low")  # img2vid.runtime.MODES, without importing torch to parse arguments
 # Generation parameter -> the flag that sets it (for error messages).
 FLAGS = {
     "num_frames": "--frames",

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from .errors import ParameterError
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
+MEMORY_MODES = ("auto", "fast", "low")  # see img2vid.runtime; here so the CLI can parse without torch
+DTYPES = ("fp16", "bf16", "fp32")
 GUIDANCES = ("linear", "triangle", "constant")
 FITS = ("crop", "pad")
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 64

@@ -59,7 +59,7 @@ class Pipeline:
         (default: on CUDA). Called by `load`; call again to switch."""
         self.memory, self.memory_reason = memory, reason
         cuda = self.device.type == "cuda"
-        if cuda and self.dtype in (torch.float16, torch.bfloat16):
+        if self._memory_format() == torch.channels_last:
             # Half precision only: that is where NHWC tensor-core convolutions were measured. The fp32 reference
             # runs of the benchmark stalled with NDHWC 3-D convolutions (suspected slow fallback; see RESULTS.md).
             runtime.use_channels_last(self.unet)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("auto", "fast", "low")
+from .params import MEMORY_MODES as MODES
+
 # Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 14.2 GiB
 # allocated (benchmarks/RESULTS.md). Below it, auto picks low.
 FAST_MIN_FREE_GIB = 20.0

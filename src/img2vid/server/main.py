@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import Img2VidError
+from ..params import DTYPES, MEMORY_MODES
 from .store import JobStore, StoreLocked
 from .worker import LocalWorker
 
@@ -127,13 +128,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["fp16", "bf16", "fp32"],
+        choices=DTYPES,
         help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--memory",
         default="auto",
-        choices=["auto", "fast", "low"],
+        choices=MEMORY_MODES,
         help="fast: all on the GPU; low: fits about 6 GiB; auto: by free VRAM (default)",
     )
     p.add_argument(
