@@ -1,0 +1,139 @@
+"""Kernel-level measurements behind the fast mode's choices (GPU), at SVD-XT's full-size shapes
+(CFG batch 2 x 25 frames, 576x1024 -> latent 72x128; levels of 9216, 2304 and 576 tokens).
+
+    python benchmarks/kernels.py --out $OUT
+
+- attention: each SDPA backend on the spatial self-attention (B*T, heads, tokens, 64) and the temporal one
+  (B*tokens, heads, 25 frames, 64), fed the strided views the UNet makes;
+- geglu: the GEGLU projection of every level, unfused (cuBLAS GEMM, then the gate, both as torch.compile makes
+  them) against the fused Triton kernel of geglu_triton.py (an experiment img2vid does not use), with its deviation from the fp32 result.
+Writes kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import geglu_triton as kernels  # noqa: E402
+
+LEVELS = [(9216, 320, 5), (2304, 640, 10), (576, 1280, 20)]  # tokens per frame, channels, heads
+
+
+def bench_ms(fn, n=20, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def attention(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    for tokens, C, heads in LEVELS[:2]:
+        for kind in ("spatial", "temporal"):
+            batch, seq = (videos * frames, tokens) if kind == "spatial" else (videos * tokens, frames)
+            qkv = torch.randn(batch, seq, 3 * C, device="cuda", dtype=dt)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
+            flop = 4 * batch * heads * seq * seq * (C // heads)
+            ref = None
+            for name in ["default", *backends]:
+                key = f"attn_{kind}_{tokens}_{name}"
+
+                def fn(q=q, k=k, v=v, b=backends.get(name)):
+                    if b is None:
+                        return F.scaled_dot_product_attention(q, k, v)
+                    with sdpa_kernel([b]):
+                        return F.scaled_dot_product_attention(q, k, v)
+
+                try:
+                    out = fn()
+                    ms = bench_ms(fn)
+                    ref = out if ref is None else ref
+                    res[key] = {
+                        "ms": ms,
+                        "TFLOPs": flop / ms / 1e9,
+                        "max_diff_vs_default": (out - ref).abs().max().item(),
+                    }
+                except Exception as e:  # a backend may refuse a shape or layout
+                    res[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(key, res[key], flush=True)
+            del qkv, q, k, v
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        tokens, C, heads = LEVELS[0]
+        qkv = torch.randn(videos * frames, tokens, 3 * C, device="cuda", dtype=dt)
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
+        F.scaled_dot_product_attention(q, k, v)
+        torch.cuda.synchronize()
+    res["attn_default_kernels"] = [e.key for e in prof.key_averages()][:5]
+
+
+def geglu(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
+    unfused = torch.compile(kernels.geglu_reference, fullgraph=True, dynamic=False)
+    for tokens, C, _ in LEVELS:
+        M = videos * frames * tokens
+        x = torch.randn(M, C, device="cuda", dtype=dt)
+        w = torch.randn(8 * C, C, device="cuda", dtype=dt) / C**0.5
+        b = torch.randn(8 * C, device="cuda", dtype=dt) * 0.1
+        flop = 2 * M * C * 8 * C
+        ref32 = kernels.geglu_reference(x[:4096].float(), w.float(), b.float())
+        row = {}
+        for name, f in [
+            ("eager", kernels.geglu_reference),
+            ("compiled_unfused", unfused),
+            ("fused_triton", kernels.geglu_linear),
+        ]:
+
+            def fn(f=f, x=x, w=w, b=b):
+                return f(x, w, b)
+
+            out = fn()
+            ms = bench_ms(fn)
+            row[name] = {
+                "ms": ms,
+                "TFLOPs": flop / ms / 1e9,
+                "max_abs_err_vs_fp32": (out[:4096].float() - ref32).abs().max().item(),
+                "mean_abs_err_vs_fp32": (out[:4096].float() - ref32).abs().mean().item(),
+            }
+        res[f"geglu_M{M}_C{C}"] = row
+        print(f"geglu M={M} C={C}", json.dumps(row), flush=True)
+        del x, w, b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="attention,geglu")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = ap.parse_args()
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
+    for part in a.parts.split(","):
+        {"attention": attention, "geglu": geglu}[part](res, dt, frames=25, videos=2)
+        Path(a.out, "kernels.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
