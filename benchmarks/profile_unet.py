@@ -1,9 +1,12 @@
 """Where one full-size SVD-XT UNet step spends its time, under several execution choices (GPU).
 
-    python benchmarks/profile_unet.py --variants eager,channels_last,compile --out $OUT
+    python benchmarks/profile_unet.py --variants eager,compile,compile_cl_cg --profile --out $OUT
 
-Random weights at full size: timing does not depend on the values. Prints a table of seconds per UNet call
-(CFG batch 2 x 25 frames, 576x1024) and the top CUDA kernels of the eager run.
+Random weights at full size: timing does not depend on the values. Prints seconds per UNet call (CFG batch
+2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
+A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
+weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
+geglu_triton.py experiment), max (Inductor's GEMM autotuning), cd (coordinate-descent tuning).
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
+from img2vid.models.layers import GEGLU  # noqa: E402
+from img2vid.runtime import use_channels_last  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import geglu_triton  # noqa: E402
+
+_GEGLU_FORWARD = GEGLU.forward
+
+
+def _fused_geglu_forward(self, x):  # the experiment of geglu_triton.py (option "geglu")
+    return geglu_triton.geglu_linear(x, self.proj.weight, self.proj.bias)
 
 
 def bench(fn, n=5, warmup=2):
@@ -65,22 +79,29 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
 
     def call(m, inp):
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             return m(inp, c_noise, ctx, vec, T)
 
     ref = None
     for v in a.variants.split(","):
+        opts = v.split("_")
         torch.cuda.reset_peak_memory_stats()
         inp = x
         m = unet
+        GEGLU.forward = _fused_geglu_forward if "geglu" in opts else _GEGLU_FORWARD
         t0 = time.perf_counter()
-        if "cl" in v.split("_") or v == "channels_last":
-            for mod in unet.modules():
-                if isinstance(mod, torch.nn.Conv2d):
-                    mod.to(memory_format=torch.channels_last)
+        if "cl" in opts or v == "channels_last":
+            use_channels_last(unet)  # stays for the variants after this one
             inp = x.to(memory_format=torch.channels_last)
-        if v.startswith("compile"):
-            mode = "max-autotune-no-cudagraphs" if "max" in v.split("_") else None
+        if opts[0] == "compile":
+            torch._dynamo.reset()
+            cfg_ = torch._inductor.config
+            cfg_.max_autotune_gemm = "max" in opts
+            cfg_.coordinate_descent_tuning = "cd" in opts
+            if hasattr(cfg_, "max_autotune_conv_backends"):
+                cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
+            mode = "reduce-overhead" if "cg" in opts else None
             m = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
             out = call(m, inp)
             torch.cuda.synchronize()
@@ -93,17 +114,22 @@ def main():
         results[f"{v}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         results[f"{v}_rel_err_vs_first"] = ((out - ref).norm() / ref.norm()).item()
         print(json.dumps({k: v_ for k, v_ in results.items() if k.startswith(v)}), flush=True)
-        if a.profile and v.startswith("compile"):
+        if a.profile and opts[0] == "compile":
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 call(m, inp)
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=30, max_name_column_width=90
-            )
-            Path(a.out, f"profile_{v}.txt").write_text(table)
-            print(table[:6000], flush=True)
+            rows = []
+            for e in prof.key_averages():
+                t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                rows.append((t / 1e3, e.count, e.key))
+            rows.sort(reverse=True)
+            results[f"{v}_kernel_ms_total"] = sum(r[0] for r in rows)
+            Path(a.out, f"kernels_{v}.json").write_text(json.dumps(rows[:150], indent=0))
+            for r in rows[:25]:
+                print(f"{r[0]:9.2f} ms {r[1]:5d}  {r[2][:110]}", flush=True)
+        Path(a.out, "profile_unet.json").write_text(json.dumps(results, indent=1))
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:

@@ -1,0 +1,128 @@
+"""An experiment, kept because its result is recorded in RESULTS.md: GEGLU's projection and gate in one Triton
+kernel, so the (tokens x 8C) projection never reaches device memory.
+
+geglu_linear(x, weight, bias) = a * gelu(g) with (a, g) = (x @ weight.T + bias).chunk(2, -1). One kernel computes
+both halves' tiles from one read of x and applies the gate in registers (fp32, rounded once). Measured on an H200
+at SVD-XT's shapes (benchmarks/kernels.py --parts geglu) it is SLOWER than cuBLAS's GEMM followed by Inductor's
+fused gate (277-351 TFLOP/s against 299-487), and the whole UNet step with it took 0.434 s against 0.429 s, so
+img2vid does not use it. A kernel that wins needs cuBLAS-class Hopper machinery (TMA loads, warp-specialised
+persistent tiles, an epilogue overlapped with the next tile's loads).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with the CUDA builds of PyTorch; the CPU build has none.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+except ImportError:  # pragma: no cover - depends on the install
+    _HAVE_TRITON = False
+
+
+def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    a, g = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return a * F.gelu(g)
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether geglu_linear runs the fused kernel for this input (CUDA, fp16/bf16, Triton present)."""
+    return _HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+if _HAVE_TRITON:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in [
+            (128, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 64, 64, 4, 4),
+            (128, 64, 64, 3, 8),
+            (64, 128, 64, 4, 4),
+            (128, 128, 32, 4, 8),
+        ]
+    ]
+
+    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+    @triton.jit
+    def _geglu_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # Grouped launch order: GROUP_M row blocks share the weight tiles while they are in L2.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        wa_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) tile of weight[:N].T
+        wg_ptrs = wa_ptrs + N * stride_wn  # the gate half: weight[N:2N]
+        acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = rk < K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wa = tl.load(wa_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_a = tl.dot(xt, wa, acc_a)
+            acc_g = tl.dot(xt, wg, acc_g)
+            x_ptrs += BLOCK_K
+            wa_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc_a += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # Exact (erf) GELU, as F.gelu's default.
+        gelu = 0.5 * acc_g * (1.0 + tl.math.erf(acc_g * 0.7071067811865476))
+        out = acc_a * gelu
+        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @torch.library.triton_op("img2vid::geglu_linear", mutates_args=())
+    def _geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K).contiguous()
+        w = weight.contiguous()
+        M, N = x2.shape[0], w.shape[0] // 2
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        torch.library.wrap_triton(_geglu_kernel)[grid](
+            x2, w, bias, out, M, N, K, x2.stride(0), w.stride(0), out.stride(0), HAS_BIAS=True
+        )
+        return out.reshape(*x.shape[:-1], N)
+
+
+def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a * gelu(g) for (a, g) = linear(x, weight, bias).chunk(2, -1); fused on CUDA in half precision."""
+    if bias is not None and fused_available(x) and weight.dtype == x.dtype:
+        return torch.ops.img2vid.geglu_linear(x, weight, bias)
+    return geglu_reference(x, weight, bias)
