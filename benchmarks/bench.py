@@ -12,7 +12,8 @@ Parts:
   recompile  the same in a second process: the compile cache is reused across processes
   low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
   svd        SVD (14 frames, 25 steps, cfg 1.0->2.5) in fast mode
-  exact      fast-mode frames against fp32 eager frames of the same inputs (fewer steps; see --exact-steps)
+  exact      compiled fp16 frames (saved by fast, low or svd for --exact-model) against fp32 eager frames of the
+             same weights and inputs, --exact-steps steps
   diffusers  diffusers' StableVideoDiffusionPipeline, fp16 eager, decode_chunk_size 8, as
              shared/bench/diffusers_baseline.py measures it
   load       a full-size fp16 single file from the page cache to a GPU-ready pipeline
@@ -126,6 +127,21 @@ def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chu
 KEEP: dict = {}  # the fast pipeline, reused by the exactness check (compiling twice costs minutes)
 
 
+def exact_frames_path(a, model: str) -> Path:
+    return Path(a.tmp, f"img2vid_exact_{model}_{a.exact_steps}.npy")
+
+
+def keep_exact_frames(a, pipe: Pipeline, model: str, mode: str) -> None:
+    """Compiled fp16 frames for the exactness check (compared later with an fp32 eager run of the same weights
+    and inputs), also on disk so that `--parts exact` can run in a process of its own."""
+    if model != a.exact_model or ("exact", model) in KEEP:
+        return
+    frames = pipe.generate(image(), num_steps=a.exact_steps, seed=3).frames
+    KEEP[("exact", model)] = frames, mode
+    np.save(exact_frames_path(a, model), frames)
+    exact_frames_path(a, model).with_suffix(".mode").write_text(mode)
+
+
 def fast_pipeline() -> Pipeline:
     if "fast" not in KEEP:
         KEEP["fast"] = random_pipeline("svd-xt", torch.float16)
@@ -137,8 +153,7 @@ def part_fast(a, res):
     r = measure(pipe, 25, a.steps)
     r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
     res["fast"] = r
-    # Frames for the exactness check (compared later with an fp32 eager run of the same weights and inputs).
-    KEEP["exact_frames"] = pipe.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames
+    keep_exact_frames(a, pipe, "svd-xt", "fast")
 
 
 def part_recompile(a, res):
@@ -163,46 +178,60 @@ def part_low(a, res):
     torch.cuda.empty_cache()
     pipe = random_pipeline("svd-xt", torch.float16, memory="low")
     res["low"] = measure(pipe, 25, a.steps, runs=1, a_decode_chunks=(14,))
-    if "exact_frames" not in KEEP:  # compiled fp16 frames for the exactness check, if part_fast made none
-        KEEP["exact_frames"] = pipe.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames
-        KEEP["exact_mode"] = "low"
+    keep_exact_frames(a, pipe, "svd-xt", "low")  # if part_fast made none
 
 
 def part_svd(a, res):
     pipe = random_pipeline("svd", torch.float16)
     res["svd_fast"] = measure(pipe, 14, a.steps, runs=1)
+    keep_exact_frames(a, pipe, "svd", "fast")
 
 
 def part_exact(a, res):
-    """fp16 compiled fast-mode frames (made in part_fast) against fp32 eager frames of the same weights and
-    inputs. The weights are redrawn with the same seeds in fp32 (the fast pipeline holds their fp16 rounding)."""
-    v16 = KEEP["exact_frames"].astype(np.float32)
+    """Compiled fp16 frames (made by part_fast, part_low or part_svd, for --exact-model) against fp32 eager frames
+    of the same weights and inputs. The weights are redrawn with the same seeds in fp32 (the fp16 pipeline holds
+    their fp16 rounding), TF32 off."""
+    model = a.exact_model
+    if ("exact", model) in KEEP:
+        v16, mode = KEEP[("exact", model)]
+    else:
+        path = exact_frames_path(a, model)
+        v16, mode = np.load(path), path.with_suffix(".mode").read_text()
+    v16 = v16.astype(np.float32)
+    frames = len(v16)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
     try:
-        nets = build(PRESETS["svd-xt"], "meta")
+        nets = build(PRESETS[model], "meta")
         for i, net in enumerate(nets.values()):
             net.to_empty(device=DEV)
             init_random(net, seed=i)
-        mode = KEEP.get(
-            "exact_mode", "fast"
-        )  # the same batching and decode chunk as the frames compared with
-        ref = Pipeline(PRESETS["svd-xt"], nets, DEV, torch.float32).setup(mode, "reference", compile=False)
-        print(f"fp32 reference built ({mode} mode)", flush=True)
+        # The same batching and decode chunk as the frames compared with.
+        ref = Pipeline(PRESETS[model], nets, DEV, torch.float32).setup(mode, "reference", compile=False)
+        print(f"fp32 reference built ({model}, {mode} mode)", flush=True)
         t = time.perf_counter()
-        v32 = ref.generate(image(), num_frames=25, num_steps=a.exact_steps, seed=3).frames.astype(np.float32)
-        print(f"fp32 eager generate: {time.perf_counter() - t:.1f} s", flush=True)
+
+        def progress(step, total, latents):
+            print(f"fp32 eager step {step}/{total}: {time.perf_counter() - t:.1f} s", flush=True)
+
+        v32 = ref.generate(image(), num_steps=a.exact_steps, seed=3, callback=progress)
+        v32 = v32.frames.astype(np.float32)
+        seconds = time.perf_counter() - t
+        print(f"fp32 eager generate: {seconds:.1f} s", flush=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     d = np.abs(v16 - v32)
     res["exact"] = {
-        "fast_frames_from": KEEP.get("exact_mode", "fast") + " mode, compiled fp16",
+        "model": model,
+        "frames": frames,
         "steps": a.exact_steps,
+        "fast_frames_from": mode + " mode, compiled fp16",
+        "fp32_eager_s": seconds,
         "mean_abs_diff_uint8": float(d.mean()),
         "p99_abs_diff_uint8": float(np.percentile(d, 99)),
         "max_abs_diff_uint8": float(d.max()),
         "nan": bool(np.isnan(v16).any()),
-        "black_frames_fast": int((v16.reshape(25, -1).max(1) == 0).sum()),
+        "black_frames_fast": int((v16.reshape(frames, -1).max(1) == 0).sum()),
         "frame_std_fast": float(v16.std()),
         "frame_std_fp32": float(v32.std()),
     }
@@ -338,7 +367,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="fast,diffusers,low,exact")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--exact-steps", type=int, default=4)
+    ap.add_argument("--exact-steps", type=int, default=25)
+    ap.add_argument("--exact-model", default="svd-xt", choices=["svd-xt", "svd"])
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()

@@ -74,6 +74,8 @@ class Pipeline:
             runtime.onload(self.image_encoder, self.device)
             runtime.onload(self.vae, self.device)
         compile = cuda if compile is None else compile
+        # No CUDA graphs: on an H200 they made the compiled UNet call only 1.0% faster while their private memory
+        # pool added 3.6 GiB to the reserved peak of a generation (benchmarks/RESULTS.md, runs 9 and 12).
         if compile and not self.compiled:
             runtime.enable_compile_cache()
             self.unet_forward = torch.compile(self.unet, fullgraph=True, dynamic=False)
