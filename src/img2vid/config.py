@@ -54,7 +54,7 @@ class CLIPConfig:
     patch_size: int = 14
     width: int = 1280
     layers: int = 32
-    heads: int = 20
+    heads: int = 16  # OpenCLIP ViT-H-14: head width 80 (1280 / 80); the diffusers config says 16 too
     mlp_dim: int = 5120
     embed_dim: int = 1024  # projection output = UNet context_dim
     act: str = "gelu"  # "gelu" (OpenCLIP ViT-H) or "quick_gelu" (some transformers configs)
