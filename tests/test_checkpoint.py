@@ -13,14 +13,16 @@ import img2vid
 from img2vid import checkpoint
 from img2vid.errors import CheckpointError
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "svd_xt_checkpoint_keys.json"
+# Every key and shape of the released svd_xt.safetensors and of the diffusers folder (copied from the team's
+# shared/reference so that the tests run wherever the checkout is).
+DATA = Path(__file__).resolve().parent / "data"
+REFERENCE = DATA / "svd_xt_checkpoint_keys.json"
+DIFFUSERS_REFERENCE = DATA / "svd_xt_diffusers_keys.json"
 FULL_PARAMS = {"unet": 1_524_623_082, "vae": 97_742_775, "image_encoder": 632_076_800}
 TEMPORAL_DECODER = ("time_stack", "mix_factor", "time_mix_conv")
 
 
 def reference_keys() -> dict[str, list[int]]:
-    if not REFERENCE.is_file():
-        pytest.skip(f"{REFERENCE} not found (shared/ sits beside the checkout)")
     return {k: shape for k, (shape, _dtype) in json.loads(REFERENCE.read_text()).items()}
 
 
@@ -173,3 +175,71 @@ def test_single_file_from_diffusers_folder_loads_the_same(tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(a.vae.encode(x), b.vae.encode(x), rtol=0, atol=0)
+
+
+# The released diffusers configs of stabilityai/stable-video-diffusion-img2vid-xt (the fields img2vid reads).
+XT_DIFFUSERS_CONFIGS = {
+    "unet": {
+        "_class_name": "UNetSpatioTemporalConditionModel",
+        "addition_time_embed_dim": 256,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
+        "in_channels": 8,
+        "layers_per_block": 2,
+        "num_attention_heads": [5, 10, 20, 20],
+        "num_frames": 25,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 768,
+        "sample_size": 96,
+        "transformer_layers_per_block": 1,
+        "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
+    },
+    "vae": {
+        "_class_name": "AutoencoderKLTemporalDecoder",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "out_channels": 3,
+        "sample_size": 768,
+        "scaling_factor": 0.18215,
+    },
+    "image_encoder": {
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "image_size": 224,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "patch_size": 14,
+        "projection_dim": 1024,
+    },
+}
+
+
+def write_sparse_diffusers_folder(folder: Path) -> Path:
+    keys = json.loads(DIFFUSERS_REFERENCE.read_text())
+    (folder / "model_index.json").parent.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
+    for comp, cfg in XT_DIFFUSERS_CONFIGS.items():
+        (folder / comp).mkdir()
+        (folder / comp / "config.json").write_text(json.dumps(cfg))
+        stem = "model" if comp == "image_encoder" else "diffusion_pytorch_model"
+        write_sparse_safetensors(folder / comp / f"{stem}.fp16.safetensors", keys[comp])
+    return folder
+
+
+def test_official_diffusers_folder_layout_loads_strictly(tmp_path):
+    """Every key and shape of the released diffusers folder has its place, at full size."""
+    folder = write_sparse_diffusers_folder(tmp_path / "stable-video-diffusion-img2vid-xt")
+    pipe = img2vid.load(folder, device="meta")
+    assert pipe.name == "svd-xt"
+    assert count(pipe) == FULL_PARAMS
+    assert pipe.config.unet == img2vid.config.PRESETS["svd-xt"].unet
+    assert pipe.config.vae == img2vid.config.PRESETS["svd-xt"].vae
+    assert pipe.config.clip == img2vid.config.PRESETS["svd-xt"].clip
