@@ -24,24 +24,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import geglu_triton as kernels  # noqa: E402
+from profile_unet import bench  # noqa: E402  (median of CUDA-event timings)
 
 LEVELS = [(9216, 320, 5), (2304, 640, 10), (576, 1280, 20)]  # tokens per frame, channels, heads
 
 
-def bench_ms(fn, n=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(n):
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+def bench_ms(fn) -> float:
+    return 1000 * bench(fn, n=20, warmup=3)
 
 
 def attention(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
