@@ -242,36 +242,21 @@ def part_diffusers(a, res):
     from PIL import Image
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from svd_reference import XT_DIFFUSERS_CONFIGS as CFG  # the released configs
+    from svd_reference import reference_pipeline  # the released scheduler settings, shared with the tests
+
+    def args(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
     dt = torch.float16
     torch.manual_seed(0)
     with torch.device(DEV):
-        unet = UNetSpatioTemporalConditionModel().to(DEV, dt)
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            latent_channels=4,
-            sample_size=768,
-            scaling_factor=0.18215,
-            force_upcast=True,
-        ).to(DEV, dt)
-        enc = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_attention_heads=16,
-                num_hidden_layers=32,
-                patch_size=14,
-                image_size=224,
-                projection_dim=1024,
-                hidden_act="gelu",
-            )
-        ).to(DEV, dt)
+        unet = UNetSpatioTemporalConditionModel(**args(CFG["unet"])).to(DEV, dt)
+        vae = AutoencoderKLTemporalDecoder(**args(CFG["vae"])).to(DEV, dt)
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**CFG["image_encoder"])).to(DEV, dt)
     for m in (unet, vae, enc):
         init_random(m, seed=7)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from svd_reference import reference_pipeline  # the released scheduler settings, shared with the tests
-
     pipe = reference_pipeline(unet, vae, enc)
     pipe.set_progress_bar_config(disable=True)
     img = Image.fromarray(image())

@@ -6,6 +6,52 @@ from pathlib import Path
 
 import torch
 
+# The released diffusers configs of stabilityai/stable-video-diffusion-img2vid-xt (the fields img2vid reads): the
+# loader tests write them into full-size folders, and benchmarks/bench.py builds diffusers' networks from them.
+XT_DIFFUSERS_CONFIGS = {
+    "unet": {
+        "_class_name": "UNetSpatioTemporalConditionModel",
+        "addition_time_embed_dim": 256,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
+        "in_channels": 8,
+        "layers_per_block": 2,
+        "num_attention_heads": [5, 10, 20, 20],
+        "num_frames": 25,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 768,
+        "sample_size": 96,
+        "transformer_layers_per_block": 1,
+        "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
+    },
+    "vae": {
+        "_class_name": "AutoencoderKLTemporalDecoder",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "out_channels": 3,
+        "sample_size": 768,
+        "scaling_factor": 0.18215,
+    },
+    "image_encoder": {
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "image_size": 224,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "patch_size": 14,
+        "projection_dim": 1024,
+    },
+}
+
+
 TINY_UNET = dict(
     block_out_channels=(32, 64, 64),
     down_block_types=(

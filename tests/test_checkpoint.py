@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from svd_reference import XT_DIFFUSERS_CONFIGS, save_tiny_folder
 
 import img2vid
 from img2vid import checkpoint
@@ -155,7 +156,6 @@ def test_hub_id_from_cache(monkeypatch, tmp_path):
 
 def test_single_file_from_diffusers_folder_loads_the_same(tmp_path):
     pytest.importorskip("diffusers")
-    from svd_reference import save_tiny_folder
 
     folder = tmp_path / "tiny-svd-xt"
     save_tiny_folder(folder)
@@ -175,51 +175,6 @@ def test_single_file_from_diffusers_folder_loads_the_same(tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(a.vae.encode(x), b.vae.encode(x), rtol=0, atol=0)
-
-
-# The released diffusers configs of stabilityai/stable-video-diffusion-img2vid-xt (the fields img2vid reads).
-XT_DIFFUSERS_CONFIGS = {
-    "unet": {
-        "_class_name": "UNetSpatioTemporalConditionModel",
-        "addition_time_embed_dim": 256,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "cross_attention_dim": 1024,
-        "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
-        "in_channels": 8,
-        "layers_per_block": 2,
-        "num_attention_heads": [5, 10, 20, 20],
-        "num_frames": 25,
-        "out_channels": 4,
-        "projection_class_embeddings_input_dim": 768,
-        "sample_size": 96,
-        "transformer_layers_per_block": 1,
-        "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
-    },
-    "vae": {
-        "_class_name": "AutoencoderKLTemporalDecoder",
-        "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "force_upcast": True,
-        "in_channels": 3,
-        "latent_channels": 4,
-        "layers_per_block": 2,
-        "out_channels": 3,
-        "sample_size": 768,
-        "scaling_factor": 0.18215,
-    },
-    "image_encoder": {
-        "architectures": ["CLIPVisionModelWithProjection"],
-        "hidden_act": "gelu",
-        "hidden_size": 1280,
-        "image_size": 224,
-        "intermediate_size": 5120,
-        "layer_norm_eps": 1e-05,
-        "num_attention_heads": 16,
-        "num_hidden_layers": 32,
-        "patch_size": 14,
-        "projection_dim": 1024,
-    },
-}
 
 
 def write_sparse_diffusers_folder(folder: Path) -> Path:
