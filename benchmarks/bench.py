@@ -208,6 +208,8 @@ def part_exact(a, res):
             init_random(net, seed=i)
         # The same batching and decode chunk as the frames compared with.
         ref = Pipeline(PRESETS[model], nets, DEV, torch.float32).setup(mode, "reference", compile=False)
+        # cuDNN's algorithm search for every new fp32 shape cost ~85 s of run 11's 296 s; its heuristics suffice.
+        torch.backends.cudnn.benchmark = False
         print(f"fp32 reference built ({model}, {mode} mode)", flush=True)
         t = time.perf_counter()
 
@@ -220,6 +222,7 @@ def part_exact(a, res):
         print(f"fp32 eager generate: {seconds:.1f} s", flush=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
     d = np.abs(v16 - v32)
     res["exact"] = {
         "model": model,

@@ -93,6 +93,7 @@ def geglu(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
             ("eager", kernels.geglu_reference),
             ("compiled_unfused", unfused),
             ("fused_triton", kernels.geglu_linear),
+            ("fused_tma", kernels.geglu_linear_tma_or_reference),
         ]:
 
             def fn(f=f, x=x, w=w, b=b):

@@ -6,7 +6,7 @@ Random weights at full size: timing does not depend on the values. Prints second
 2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
-geglu_triton.py experiment), max (Inductor's GEMM autotuning), cd (coordinate-descent tuning).
+geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd (coordinate-descent tuning).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ _GEGLU_FORWARD = GEGLU.forward
 
 def _fused_geglu_forward(self, x):  # the experiment of geglu_triton.py (option "geglu")
     return geglu_triton.geglu_linear(x, self.proj.weight, self.proj.bias)
+
+
+def _tma_geglu_forward(self, x):  # its persistent TMA version (option "tma")
+    return geglu_triton.geglu_linear_tma_or_reference(x, self.proj.weight, self.proj.bias)
 
 
 def bench(fn, n=5, warmup=2):
@@ -89,7 +93,13 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         inp = x
         m = unet
-        GEGLU.forward = _fused_geglu_forward if "geglu" in opts else _GEGLU_FORWARD
+        GEGLU.forward = (
+            _fused_geglu_forward
+            if "geglu" in opts
+            else _tma_geglu_forward
+            if "tma" in opts
+            else _GEGLU_FORWARD
+        )
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one
