@@ -87,3 +87,31 @@ def test_every_parameter_is_loaded_and_random(pair):
         for name, p in net.named_parameters():
             assert p.device.type == "cpu" and p.dtype == torch.float32, name
             assert p.abs().sum() > 0, name
+
+
+@torch.no_grad()
+def test_cross_attention_to_one_token_is_its_projected_value():
+    """The single-token shortcut (no norm, no q/k, no softmax) against the explicit computation, and the general
+    path with several context tokens, which must still normalise the queries."""
+    from img2vid.models.layers import Attention, cross_attend
+
+    torch.manual_seed(0)
+    attn, norm = Attention(32, heads=4, context_dim=16), torch.nn.LayerNorm(32)
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.normal_()
+    x = torch.randn(6, 10, 32)  # three query rows per context row
+
+    def explicit(xq, ctx):
+        ctx = ctx.repeat_interleave(xq.shape[0] // ctx.shape[0], 0)
+        q, k, v = (
+            t.unflatten(-1, (4, -1)).transpose(1, 2) for t in (attn.to_q(xq), attn.to_k(ctx), attn.to_v(ctx))
+        )
+        w = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1)
+        return attn.to_out((w @ v).transpose(1, 2).flatten(2))
+
+    one = torch.randn(2, 1, 16)
+    out = cross_attend(attn, norm, x, one)
+    assert out.shape == (2, 1, 32)  # broadcast by the caller
+    torch.testing.assert_close(out.repeat_interleave(3, 0).expand(6, 10, 32), explicit(norm(x), one))
+    three = torch.randn(2, 3, 16)
+    torch.testing.assert_close(cross_attend(attn, norm, x, three), explicit(norm(x), three))

@@ -54,6 +54,12 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
+def cross_attend(attn: Attention, norm: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """attn(norm(x), context). With one context token the result does not depend on the queries (see
+    Attention.forward), so the norm is not computed: torch.compile drops it anyway, eager mode saves a pass."""
+    return attn(x if context.shape[1] == 1 else norm(x), context)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d). On CUDA in half precision, sequences of at most 64 tokens
     (the temporal layers' 14-25 frames) take the memory-efficient kernel: at SVD-XT's shapes on an H200 it runs

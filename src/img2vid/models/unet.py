@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .layers import Attention, FeedForward, MixFactor, group_norm, timestep_embedding
+from .layers import Attention, FeedForward, MixFactor, cross_attend, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -75,7 +75,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = cross_attend(self.attn2, self.norm2, x, context) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -98,7 +98,7 @@ class TemporalTransformerBlock(nn.Module):
         x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
         x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        a = self.attn2(self.norm2(x), context)  # (B*S, T, C), or (B, 1, C) for a single context token
+        a = cross_attend(self.attn2, self.norm2, x, context)  # (B*S, T, C), or (B, 1, C) for one token
         x = (x.unflatten(0, (a.shape[0], -1)) + a[:, None]).flatten(0, 1)
         x = self.ff(self.norm3(x)) + x
         return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
