@@ -40,17 +40,37 @@ def fused_available(x: torch.Tensor) -> bool:
 
 
 if _HAVE_TRITON:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
+
+    def _configs(shapes, pre_hook=None) -> list:
+        """Autotuning candidates from (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)."""
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_stages=s,
+                num_warps=w,
+                pre_hook=pre_hook,
+            )
+            for bm, bn, bk, s, w in shapes
+        ]
+
+    @triton.jit
+    def _tile_position(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """Grouped order: GROUP_M row blocks in turn share the weight tiles while they are in L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        group_m = min(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+    _CONFIGS = _configs(
+        [
             (128, 128, 64, 3, 8),
             (128, 128, 64, 4, 8),
             (128, 64, 64, 4, 4),
             (128, 64, 64, 3, 8),
             (64, 128, 64, 4, 4),
-            (128, 128, 32, 4, 8),
         ]
-    ]
+        + [(128, 128, 32, 4, 8)]
+    )
 
     @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
     @triton.jit
@@ -71,15 +91,7 @@ if _HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # Grouped launch order: GROUP_M row blocks share the weight tiles while they are in L2.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
+        pid_m, pid_n = _tile_position(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,23 +150,17 @@ if _HAVE_TRITON:
         nargs["w_desc"].block_shape = [bn, bk]
         nargs["o_desc"].block_shape = [bm, bn]
 
-    _TMA_CONFIGS = [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_stages=s,
-            num_warps=w,
-            pre_hook=_tma_block_hook,
-        )
-        for bm, bn, bk, s, w in [
+    _TMA_CONFIGS = _configs(
+        [
             (128, 128, 64, 3, 8),
             (128, 128, 64, 4, 8),
             (128, 64, 64, 4, 4),
             (128, 64, 64, 4, 8),
             (128, 128, 32, 5, 8),
-            (64, 128, 64, 4, 4),
-            (128, 64, 128, 3, 8),
         ]
-    ]
+        + [(64, 128, 64, 4, 4), (128, 64, 128, 3, 8)],
+        pre_hook=_tma_block_hook,
+    )
 
     @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
     @triton.jit
@@ -179,13 +185,9 @@ if _HAVE_TRITON:
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         num_tiles = num_m * num_n
-        per_group = GROUP_M * num_n
         tile_c = start - NUM_SMS  # the epilogue's own tile counter (the pipeliner wants it separate)
         for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
-            first_m = (tile // per_group) * GROUP_M
-            group_m = min(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % per_group) % group_m
-            pid_n = (tile % per_group) // group_m
+            pid_m, pid_n = _tile_position(tile, num_m, num_n, GROUP_M)
             om = pid_m * BLOCK_M
             on = pid_n * BLOCK_N
             acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -198,10 +200,7 @@ if _HAVE_TRITON:
                 acc_a = tl.dot(xt, wa.T, acc_a)
                 acc_g = tl.dot(xt, wg.T, acc_g)
             tile_c += NUM_SMS
-            first_m = (tile_c // per_group) * GROUP_M
-            group_m = min(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile_c % per_group) % group_m
-            pid_n = (tile_c % per_group) // group_m
+            pid_m, pid_n = _tile_position(tile_c, num_m, num_n, GROUP_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc_a += tl.load(b_ptr + rn).to(tl.float32)[None, :]
             acc_g += tl.load(b_ptr + N + rn).to(tl.float32)[None, :]
