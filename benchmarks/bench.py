@@ -200,6 +200,7 @@ def part_exact(a, res):
     v16 = v16.astype(np.float32)
     frames = len(v16)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
     try:
         nets = build(PRESETS[model], "meta")
@@ -222,7 +223,7 @@ def part_exact(a, res):
         print(f"fp32 eager generate: {seconds:.1f} s", flush=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     d = np.abs(v16 - v32)
     res["exact"] = {
         "model": model,

@@ -6,7 +6,8 @@ Random weights at full size: timing does not depend on the values. Prints second
 2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
-geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd (coordinate-descent tuning).
+geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd
+(coordinate-descent tuning).
 """
 
 from __future__ import annotations
@@ -93,13 +94,11 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         inp = x
         m = unet
-        GEGLU.forward = (
-            _fused_geglu_forward
-            if "geglu" in opts
-            else _tma_geglu_forward
-            if "tma" in opts
-            else _GEGLU_FORWARD
-        )
+        GEGLU.forward = _GEGLU_FORWARD
+        if "geglu" in opts:
+            GEGLU.forward = _fused_geglu_forward
+        if "tma" in opts:
+            GEGLU.forward = _tma_geglu_forward
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one
