@@ -7,7 +7,9 @@ Random weights at full size: timing does not depend on the values. Prints second
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
 geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd
-(coordinate-descent tuning).
+(coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
+graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused).
+Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
-from img2vid.models.layers import GEGLU  # noqa: E402
-from img2vid.runtime import use_channels_last  # noqa: E402
+from img2vid.models.layers import GEGLU, Attention, attention  # noqa: E402
+from img2vid.runtime import compile_network, uncompile_network, use_channels_last  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import geglu_triton  # noqa: E402
@@ -40,6 +42,19 @@ def _fused_geglu_forward(self, x):  # the experiment of geglu_triton.py (option 
 
 def _tma_geglu_forward(self, x):  # its persistent TMA version (option "tma")
     return geglu_triton.geglu_linear_tma_or_reference(x, self.proj.weight, self.proj.bias)
+
+
+_ATTENTION_FORWARD = Attention.forward
+
+
+def _qkv3_attention_forward(self, x, context=None):  # option "qkv3": separate q/k/v products
+    if context is not None and context.shape[1] == 1:
+        return self.to_out(self.to_v(context))
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    B, N, C = q.shape
+    q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return self.to_out(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
 def bench(fn, n=5, warmup=2):
@@ -95,6 +110,7 @@ def main():
         inp = x
         m = unet
         GEGLU.forward = _GEGLU_FORWARD
+        Attention.forward = _qkv3_attention_forward if "qkv3" in opts else _ATTENTION_FORWARD
         if "geglu" in opts:
             GEGLU.forward = _fused_geglu_forward
         if "tma" in opts:
@@ -103,6 +119,7 @@ def main():
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one
             inp = x.to(memory_format=torch.channels_last)
+        uncompile_network(unet)
         if opts[0] == "compile":
             torch._dynamo.reset()
             cfg_ = torch._inductor.config
@@ -111,7 +128,10 @@ def main():
             if hasattr(cfg_, "max_autotune_conv_backends"):
                 cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
             mode = "reduce-overhead" if "cg" in opts else None
-            m = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
+            if "regions" in opts:
+                m = compile_network(unet, "regions")
+            else:
+                m = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
             out = call(m, inp)
             torch.cuda.synchronize()
             results[f"{v}_compile_s"] = time.perf_counter() - t0
@@ -140,6 +160,8 @@ def main():
                 print(f"{r[0]:9.2f} ms {r[1]:5d}  {r[2][:110]}", flush=True)
         Path(a.out, "profile_unet.json").write_text(json.dumps(results, indent=1))
     from torch.utils.flop_counter import FlopCounterMode
+
+    uncompile_network(unet)
 
     with FlopCounterMode(display=False) as fc:
         call(unet, x)

@@ -271,3 +271,71 @@ def test_decode_retries_smaller_chunks_on_out_of_memory(tiny, caplog):
         tiny.decoder_forward = real
     assert seen[:2] == [3, 2] and v.params["decode_chunk_size"] == 1
     assert "out of memory" in v.params["note"] and "retrying with 1" in caplog.text
+
+
+def test_compiling_block_by_block_traces_each_shape_once_without_graph_breaks():
+    """The GPU default compiles the UNet and decoder block by block (runtime.compile_network, "regions"). Checked
+    on the CPU with Dynamo and a recording backend: every block traces into one graph (fullgraph: a graph break
+    fails), blocks of the same class and shapes share a graph, and the numbers are eager mode's."""
+    from img2vid import runtime
+
+    pipe = img2vid.load("tiny", device="cpu")
+    x = torch.randn(6, 8, 32, 32)
+    args = (torch.zeros(6), torch.randn(6, 1, 32), torch.randn(6, 3), 3)
+    z = torch.randn(3, 4, 32, 32)
+    with torch.no_grad():
+        eager = pipe.unet(x, *args), pipe.vae.decode(z, 3)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        for net in (pipe.unet, pipe.vae.decoder):
+            assert runtime.compile_network(net, "regions", backend=backend) is net
+        with torch.no_grad():
+            compiled = pipe.unet(x, *args), pipe.vae.decode(z, 3)
+            n_first = len(graphs)
+            again = pipe.unet(x, *args), pipe.vae.decode(z, 3)
+        regions = pipe.unet.compile_regions() + pipe.vae.decoder.compile_regions()
+        # tiny: the decoder's 4 levels of one resnet block size each, e.g., share graphs; nothing is traced twice
+        assert 0 < n_first < len(regions)
+        assert len(graphs) == n_first
+        for a, b in zip(compiled + again, eager + eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        for net in (pipe.unet, pipe.vae.decoder):
+            runtime.uncompile_network(net)
+        torch._dynamo.reset()
+    assert not any("forward" in m.__dict__ or "head" in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_setup_switches_compiling_on_and_off(monkeypatch):
+    from img2vid import runtime
+
+    calls = []
+    real = runtime.compile_network
+
+    def record(net, scope):
+        calls.append((type(net).__name__, scope))
+        return real(net, scope, backend="eager")
+
+    monkeypatch.setattr(runtime, "compile_network", record)
+    pipe = img2vid.load("tiny", device="cpu")
+    assert pipe.compiled is False  # the CPU default
+    try:
+        pipe.setup("fast", compile=True)
+        assert pipe.compiled == "regions" and calls == [("UNet", "regions"), ("Decoder", "regions")]
+        assert "head" in pipe.unet.__dict__ and "forward" in pipe.unet.output_blocks[0][0].__dict__
+        pipe.setup("fast", compile=True)  # already compiled this way: nothing recompiled
+        assert len(calls) == 2
+        pipe.setup("fast", compile="whole")
+        assert pipe.compiled == "whole" and "head" not in pipe.unet.__dict__
+        assert pipe.unet_forward is not pipe.unet
+        pipe.setup("fast", compile=False)
+        assert pipe.compiled is False and pipe.unet_forward is pipe.unet
+        assert pipe.decoder_forward is pipe.vae.decoder
+    finally:
+        torch._dynamo.reset()

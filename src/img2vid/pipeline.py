@@ -54,9 +54,12 @@ class Pipeline:
         self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
         self.decoder_forward = self.vae.decoder  # and the compiled decoder
 
-    def setup(self, memory: str = "fast", reason: str = "as asked", compile: bool | None = None) -> Pipeline:
-        """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet
-        (default: on CUDA). Called by `load`; call again to switch."""
+    def setup(
+        self, memory: str = "fast", reason: str = "as asked", compile: bool | str | None = None
+    ) -> Pipeline:
+        """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet and
+        the VAE decoder (default: on CUDA; True or "regions": block by block, "whole": one graph per network).
+        Called by `load`; call again to switch."""
         self.memory, self.memory_reason = memory, reason
         cuda = self.device.type == "cuda"
         if self._memory_format() == torch.channels_last:
@@ -74,15 +77,18 @@ class Pipeline:
             runtime.onload(self.image_encoder, self.device)
             runtime.onload(self.vae, self.device)
         compile = cuda if compile is None else compile
+        scope = "regions" if compile is True else compile or None
         # No CUDA graphs: on an H200 they made the compiled UNet call only 1.0% faster while their private memory
         # pool added 3.6 GiB to the reserved peak of a generation (benchmarks/RESULTS.md, runs 9 and 12).
-        if compile and not self.compiled:
-            runtime.enable_compile_cache()
-            self.unet_forward = torch.compile(self.unet, fullgraph=True, dynamic=False)
-            self.decoder_forward = torch.compile(self.vae.decoder, fullgraph=True, dynamic=False)
-            self.compiled = True
-        elif not compile:
-            self.unet_forward, self.decoder_forward, self.compiled = self.unet, self.vae.decoder, False
+        if scope != self.compiled:
+            for net in (self.unet, self.vae.decoder):
+                runtime.uncompile_network(net)
+            self.unet_forward, self.decoder_forward = self.unet, self.vae.decoder
+            if scope:
+                runtime.enable_compile_cache()
+                self.unet_forward = runtime.compile_network(self.unet, scope)
+                self.decoder_forward = runtime.compile_network(self.vae.decoder, scope)
+            self.compiled = scope or False
         return self
 
     @property
@@ -387,13 +393,14 @@ def load(
     dtype: torch.dtype | str | None = None,
     variant: str | None = None,
     memory: str = "auto",
-    compile: bool | None = None,
+    compile: bool | str | None = None,
 ) -> Pipeline:
     """Load SVD from a preset name, a hub id, a single .safetensors file or a diffusers folder.
 
     Networks are built on the meta device, every key is checked, and tensors are read straight to `device`
     and cast there. `variant` forces the preset used for defaults and decoder (e.g. "svd-xt-1-1").
-    `memory` is "auto", "fast" or "low" (see img2vid.runtime); `compile` (default: on CUDA) compiles the UNet.
+    `memory` is "auto", "fast" or "low" (see img2vid.runtime); `compile` (default: on CUDA) compiles the UNet
+    and the VAE decoder (see Pipeline.setup).
     """
     memory_mode, memory_reason = runtime.choose_memory_mode(
         torch.device(device) if device is not None else default_device(), memory

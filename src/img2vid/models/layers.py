@@ -44,10 +44,13 @@ class Attention(nn.Module):
         skips the query/key projections and the attention of every cross-attention layer."""
         if context is not None and context.shape[1] == 1:
             return self.to_out(self.to_v(context))
-        context = x if context is None else context
-        if context.shape[0] != x.shape[0]:
-            context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if context is None:  # self-attention: one matrix product for q, k and v (x is read once, not 3 times)
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            q, k, v = F.linear(x, w).chunk(3, dim=-1)
+        else:
+            if context.shape[0] != x.shape[0]:
+                context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         B, N, C = q.shape
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
         out = attention(q, k, v)

@@ -54,7 +54,12 @@ class VideoResBlock(ResBlock):
         self.time_stack = ResBlock(out_channels, emb_dim, out_channels, dims=3, kernel=kernel)
         self.time_mixer = MixFactor()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`skip`: the decoder side's skip connection, concatenated to x here (inside the compiled block)."""
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         x = super().forward(x, emb)
         BT, C, H, W = x.shape
         x = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, T, H, W)
@@ -159,14 +164,24 @@ class Upsample(nn.Module):
 class TimestepBlock(nn.ModuleList):
     """One entry of input_blocks/output_blocks: a sequence of layers that each take what they need."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int):
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        num_frames: int,
+        skip: torch.Tensor | None = None,
+    ):
+        """`skip` (output blocks): the skip connection, concatenated to x by the first layer, a VideoResBlock."""
         for layer in self:
             if isinstance(layer, VideoResBlock):
-                x = layer(x, emb, num_frames)
+                x, skip = layer(x, emb, num_frames, skip), None
             elif isinstance(layer, SpatialVideoTransformer):
                 x = layer(x, context, num_frames)
             else:
                 x = layer(x)
+        if skip is not None:
+            raise ValueError("a skip connection needs a VideoResBlock to take it")
         return x
 
 
@@ -219,6 +234,15 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
+    def compile_regions(self) -> list[tuple[nn.Module, str]]:
+        """(module, method) pairs that runtime.compile_network compiles one by one: nearly all of the work, in
+        a few distinct shapes (the five transformers of a level are one compiled graph)."""
+        blocks = (VideoResBlock, SpatialVideoTransformer, Upsample)
+        return [(m, "forward") for m in self.modules() if isinstance(m, blocks)] + [(self, "head")]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h)
+
     def embed_vector(self, values: torch.Tensor) -> torch.Tensor:
         """(N, 3) fps_id, motion_bucket_id, cond_aug -> (N, 768): a sinusoid of each, concatenated."""
         N, K = values.shape
@@ -243,5 +267,5 @@ class UNet(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context, num_frames)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, num_frames)
-        return self.out(h)
+            h = block(h, emb, context, num_frames, skip=hs.pop())
+        return self.head(h)
