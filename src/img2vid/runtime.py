@@ -1,11 +1,11 @@
 """How a loaded pipeline runs on its device: the memory mode and compilation.
 
-fast -- everything resident on the GPU, both guidance halves in one batch, torch.compile'd UNet.
+fast -- everything resident on the GPU, both guidance halves in one batch.
 low  -- for small GPUs: guidance halves one after the other, the image encoder and the VAE stay off the GPU
         except while they run, the UNet leaves it while decoding, and decoding takes 7 frames at a time
         instead of the reference's 14 (LOW_MEMORY_DECODE_CHUNK). Sampling gives the same numbers as fast
         mode up to floating-point reassociation; the smaller decode chunk changes the video slightly
-        (say decode_chunk_size=14 to keep the reference's, at about 10 GiB peak).
+        (say decode_chunk_size=14 to keep the reference's, at about 12 GiB peak).
 auto -- fast when the free memory allows it, else low.
 """
 
@@ -15,11 +15,12 @@ import torch
 
 from .params import MEMORY_MODES as MODES
 
-# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 14.2 GiB
-# allocated (benchmarks/RESULTS.md). Below it, auto picks low.
+# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 16.1 GiB
+# allocated (benchmarks/RESULTS.md, run 19). Below it, auto picks low.
 FAST_MIN_FREE_GIB = 20.0
-# Decoding 14 frames of 576x1024 at once peaks at 10.0 GiB; 7 at a time at 5.2 GiB (H200, RESULTS.md). Low mode
-# decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes a chunk's frames).
+# In low mode, decoding 14 frames of 576x1024 at once peaks at 12.0 GiB, 7 at a time at 6.2 GiB (RESULTS.md,
+# run 19). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes
+# a chunk's frames).
 LOW_MEMORY_DECODE_CHUNK = 7
 
 
@@ -60,6 +61,8 @@ def use_channels_last(module: torch.nn.Module) -> None:
 #              resnet, attention and upsampling blocks, the output head) is compiled on its own, and blocks of
 #              the same class and shapes share one compiled graph. The default: on an H200 the UNet call was
 #              1.1% faster than one whole-network graph and compiled in 98 s instead of 117 s (RESULTS.md, run 17).
+#              It costs memory: a block's input stays alive until the block returns, and decoding 14 frames of
+#              576x1024 peaked 2 GiB higher than with the one-graph decoder (runs 15 and 19).
 #   whole   -- one graph per network.
 COMPILE_SCOPES = ("regions", "whole")
 
