@@ -334,6 +334,9 @@ def test_setup_switches_compiling_on_and_off(monkeypatch):
         pipe.setup("fast", compile="whole")
         assert pipe.compiled == "whole" and "head" not in pipe.unet.__dict__
         assert pipe.unet_forward is not pipe.unet
+        with pytest.raises(ValueError, match="'full'"):
+            pipe.setup("low", compile="full")
+        assert pipe.compiled == "whole" and pipe.memory == "fast"  # nothing changed
         pipe.setup("fast", compile=False)
         assert pipe.compiled is False and pipe.unet_forward is pipe.unet
         assert pipe.decoder_forward is pipe.vae.decoder

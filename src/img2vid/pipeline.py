@@ -60,8 +60,14 @@ class Pipeline:
         """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet and
         the VAE decoder (default: on CUDA; True or "regions": block by block, "whole": one graph per network).
         Called by `load`; call again to switch."""
-        self.memory, self.memory_reason = memory, reason
         cuda = self.device.type == "cuda"
+        compile = cuda if compile is None else compile
+        scope = "regions" if compile is True else compile or None
+        if scope is not None and scope not in runtime.COMPILE_SCOPES:
+            raise ValueError(
+                f"compile must be True, False or one of {runtime.COMPILE_SCOPES}, got {compile!r}"
+            )
+        self.memory, self.memory_reason = memory, reason
         if self._memory_format() == torch.channels_last:
             # Half precision only: that is where NHWC tensor-core convolutions were measured. The fp32 reference
             # runs of the benchmark stalled with NDHWC 3-D convolutions (suspected slow fallback; see RESULTS.md).
@@ -76,8 +82,6 @@ class Pipeline:
         elif cuda:
             runtime.onload(self.image_encoder, self.device)
             runtime.onload(self.vae, self.device)
-        compile = cuda if compile is None else compile
-        scope = "regions" if compile is True else compile or None
         # No CUDA graphs: on an H200 they made the compiled UNet call only 1.0% faster while their private memory
         # pool added 3.6 GiB to the reserved peak of a generation (benchmarks/RESULTS.md, runs 9 and 12).
         if scope != self.compiled:

@@ -77,8 +77,8 @@ def compile_network(net: torch.nn.Module, scope: str, **options):
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     # Blocks of one class share Dynamo's cache of compiled code for their forward, one entry per distinct shape
     # (SVD-XT at one resolution: 25 graphs for the UNet's 42 regions, 11 for the decoder's 19 at each chunk
-    # size). Each new resolution, frame count or memory mode adds entries: raise Dynamo's limits of 8 per code
-    # object and 256 in all, past which it would quietly run the block eagerly.
+    # size). Each new resolution, frame count or memory mode adds entries. Dynamo's defaults (8 graphs per code
+    # object, 256 recompiles in all) are raised: past them it would quietly run the blocks eagerly.
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
