@@ -22,6 +22,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -74,6 +75,17 @@ def random_pipeline(
     )
 
 
+@contextlib.contextmanager
+def uncompiled(pipe: Pipeline):
+    """Run `pipe` eagerly inside the block, compiled as before after it (Dynamo's cache still holds the code)."""
+    scope = pipe.compiled
+    pipe.setup(pipe.memory, pipe.memory_reason, compile=False)
+    try:
+        yield pipe
+    finally:
+        pipe.setup(pipe.memory, pipe.memory_reason, compile=scope)
+
+
 def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chunks=()) -> dict:
     """Compile/warm-up, then `runs` timed end-to-end generations; per-step UNet and decode timings."""
     img = image()
@@ -119,13 +131,11 @@ def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chu
         out[f"decode_chunk{chunk}_s"] = sync_time() - t
         out[f"decode_chunk{chunk}_peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if pipe.compiled:  # the same decode without compiling, for comparison
-        scope = pipe.compiled
-        pipe.setup(pipe.memory, pipe.memory_reason, compile=False)
-        pipe.decode(lat, pipe.default_decode_chunk())
-        t = sync_time()
-        pipe.decode(lat, pipe.default_decode_chunk())
-        out["decode_eager_s"] = sync_time() - t
-        pipe.setup(pipe.memory, pipe.memory_reason, compile=scope)  # Dynamo's cache still holds the code
+        with uncompiled(pipe):
+            pipe.decode(lat, pipe.default_decode_chunk())
+            t = sync_time()
+            pipe.decode(lat, pipe.default_decode_chunk())
+            out["decode_eager_s"] = sync_time() - t
     out["frames_shape"] = list(video.frames.shape)
     out["black_frames"] = int((video.frames.reshape(frames, -1).max(1) == 0).sum())
     return out
@@ -169,11 +179,9 @@ def compiled_vs_eager(pipe: Pipeline, frames: int) -> dict:
         frames,
     )
     z = torch.randn(14, 4, H // 8, W // 8, device=DEV, generator=g).to(pipe.dtype, memory_format=fmt)
-    scope = pipe.compiled
     compiled = pipe.unet_forward(x, *args).float(), pipe.decoder_forward(z, 14).float()
-    pipe.setup(pipe.memory, pipe.memory_reason, compile=False)
-    eager = pipe.unet_forward(x, *args).float(), pipe.decoder_forward(z, 14).float()
-    pipe.setup(pipe.memory, pipe.memory_reason, compile=scope)
+    with uncompiled(pipe):
+        eager = pipe.unet_forward(x, *args).float(), pipe.decoder_forward(z, 14).float()
     rel = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager, strict=True)]
     return {"unet_rel_err_compiled_vs_eager": rel[0], "decoder_rel_err_compiled_vs_eager": rel[1]}
 
