@@ -274,9 +274,10 @@ def test_decode_retries_smaller_chunks_on_out_of_memory(tiny, caplog):
 
 
 def test_compiling_block_by_block_traces_each_shape_once_without_graph_breaks():
-    """The GPU default compiles the UNet and decoder block by block (runtime.compile_network, "regions"). Checked
-    on the CPU with Dynamo and a recording backend: every block traces into one graph (fullgraph: a graph break
-    fails), blocks of the same class and shapes share a graph, and the numbers are eager mode's."""
+    """The GPU default compiles the UNet block by block (runtime.compile_network, "regions") and the decoder as
+    one graph. Checked on the CPU with Dynamo and a recording backend: every block traces into one graph
+    (fullgraph: a graph break fails), blocks of the same class and shapes share a graph, and the numbers are
+    eager mode's."""
     from img2vid import runtime
 
     pipe = img2vid.load("tiny", device="cpu")
@@ -293,21 +294,21 @@ def test_compiling_block_by_block_traces_each_shape_once_without_graph_breaks():
 
     torch._dynamo.reset()
     try:
-        for net in (pipe.unet, pipe.vae.decoder):
-            assert runtime.compile_network(net, "regions", backend=backend) is net
+        assert runtime.compile_network(pipe.unet, "regions", backend=backend) is pipe.unet
+        decoder = runtime.compile_network(pipe.vae.decoder, "whole", backend=backend)
         with torch.no_grad():
-            compiled = pipe.unet(x, *args), pipe.vae.decode(z, 3)
-            n_first = len(graphs)
-            again = pipe.unet(x, *args), pipe.vae.decode(z, 3)
-        regions = pipe.unet.compile_regions() + pipe.vae.decoder.compile_regions()
-        # e.g. the two transformers of a UNet level share a graph, as do same-shaped decoder blocks
-        assert 0 < n_first < len(regions)
-        assert len(graphs) == n_first  # the second call traced nothing
+            unet = pipe.unet(x, *args)
+            n_unet = len(graphs)
+            compiled = unet, decoder(z / pipe.config.vae.scale_factor, 3)
+            assert len(graphs) == n_unet + 1  # the whole decoder: one graph
+            again = pipe.unet(x, *args), decoder(z / pipe.config.vae.scale_factor, 3)
+        # e.g. the two transformers of a UNet level share a graph
+        assert 0 < n_unet < len(pipe.unet.compile_regions())
+        assert len(graphs) == n_unet + 1  # the second call traced nothing
         for a, b in zip(compiled + again, eager + eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     finally:
-        for net in (pipe.unet, pipe.vae.decoder):
-            runtime.uncompile_network(net)
+        runtime.uncompile_network(pipe.unet)
         torch._dynamo.reset()
     assert not any("forward" in m.__dict__ or "head" in m.__dict__ for m in pipe.unet.modules())
 
@@ -327,12 +328,13 @@ def test_setup_switches_compiling_on_and_off(monkeypatch):
     assert pipe.compiled is False  # the CPU default
     try:
         pipe.setup("fast", compile=True)
-        assert pipe.compiled == "regions" and calls == [("UNet", "regions"), ("Decoder", "regions")]
+        assert pipe.compiled == "regions" and calls == [("UNet", "regions"), ("Decoder", "whole")]
         assert "head" in pipe.unet.__dict__ and "forward" in pipe.unet.output_blocks[0][0].__dict__
         pipe.setup("fast", compile=True)  # already compiled this way: nothing recompiled
         assert len(calls) == 2
         pipe.setup("fast", compile="whole")
         assert pipe.compiled == "whole" and "head" not in pipe.unet.__dict__
+        assert calls[2:] == [("UNet", "whole"), ("Decoder", "whole")]
         assert pipe.unet_forward is not pipe.unet
         with pytest.raises(ValueError, match="'full'"):
             pipe.setup("low", compile="full")

@@ -58,8 +58,8 @@ class Pipeline:
         self, memory: str = "fast", reason: str = "as asked", compile: bool | str | None = None
     ) -> Pipeline:
         """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet and
-        the VAE decoder (default: on CUDA; True or "regions": block by block, "whole": one graph per network).
-        Called by `load`; call again to switch."""
+        the VAE decoder (default: on CUDA; True or "regions": the UNet block by block, "whole": the UNet as one
+        graph; the decoder is one graph either way). Called by `load`; call again to switch."""
         cuda = self.device.type == "cuda"
         compile = cuda if compile is None else compile
         scope = "regions" if compile is True else compile or None
@@ -85,13 +85,14 @@ class Pipeline:
         # No CUDA graphs: on an H200 they made the compiled UNet call only 1.0% faster while their private memory
         # pool added 3.6 GiB to the reserved peak of a generation (benchmarks/RESULTS.md, runs 9 and 12).
         if scope != self.compiled:
-            for net in (self.unet, self.vae.decoder):
-                runtime.uncompile_network(net)
+            runtime.uncompile_network(self.unet)
             self.unet_forward, self.decoder_forward = self.unet, self.vae.decoder
             if scope:
                 runtime.enable_compile_cache()
                 self.unet_forward = runtime.compile_network(self.unet, scope)
-                self.decoder_forward = runtime.compile_network(self.vae.decoder, scope)
+                # The decoder is always one graph: compiled block by block, a 14-frame decode peaked 2 GiB
+                # higher (RESULTS.md, runs 18-19 against run 20).
+                self.decoder_forward = runtime.compile_network(self.vae.decoder, "whole")
             self.compiled = scope or False
         return self
 

@@ -57,13 +57,13 @@ def use_channels_last(module: torch.nn.Module) -> None:
 
 
 # How much of a network one torch.compile graph covers:
-#   regions -- each block (UNet: VideoResBlock, SpatialVideoTransformer, Upsample, the output head; decoder:
-#              resnet, attention and upsampling blocks, the output head) is compiled on its own, and blocks of
-#              the same class and shapes share one compiled graph. The default: on an H200 the UNet call was
-#              1.1% faster than one whole-network graph and compiled in 98 s instead of 117 s (RESULTS.md, run 17).
-#              It costs memory: a block's input stays alive until the block returns, and decoding 14 frames of
-#              576x1024 peaked 2 GiB higher than with the one-graph decoder (runs 15 and 19).
-#   whole   -- one graph per network.
+#   regions -- each block (UNet: VideoResBlock, SpatialVideoTransformer, Upsample and the output head; see
+#              UNet.compile_regions) is compiled on its own, and blocks of the same class and shapes share one
+#              compiled graph. The default for the UNet: on an H200 its call was 1.1% faster than one
+#              whole-network graph and compiled in 98 s instead of 117 s (RESULTS.md, run 17), for 1.1 GiB more
+#              peak (a block's input stays alive until the block returns).
+#   whole   -- one graph per network. The pipeline always compiles the VAE decoder this way: block by block, a
+#              14-frame decode of 576x1024 peaked 2 GiB higher (runs 18-19 against run 20).
 COMPILE_SCOPES = ("regions", "whole")
 
 
@@ -71,19 +71,19 @@ def compile_network(net: torch.nn.Module, scope: str, **options):
     """Compile `net` for inference at fixed shapes; returns what to call instead of `net`. `options` go to
     torch.compile (the tests pass a backend)."""
     options = {"fullgraph": True, "dynamic": False, **options}
-    if scope == "whole":
-        return torch.compile(net, **options)
-    if scope != "regions":
+    if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
-    # Blocks of one class share Dynamo's cache of compiled code for their forward, one entry per distinct shape
-    # (SVD-XT at one resolution: 25 graphs for the UNet's 42 regions, 11 for the decoder's 19 at each chunk
-    # size). Each new resolution, frame count or memory mode adds entries. Dynamo's defaults (8 graphs per code
-    # object, 256 recompiles in all) are raised: past them it would quietly run the blocks eagerly.
+    # Each distinct input shape is a graph of its own (dynamic=False): block by block, SVD-XT at one resolution
+    # is 25 graphs for the UNet's 42 regions; the decoder takes one graph per decode-chunk length (14 and 11 for
+    # 25 frames). Each new resolution, frame count or memory mode adds more. Dynamo's defaults (8 graphs per
+    # code object, 256 recompiles in all) are raised: past them it would quietly run the network eagerly.
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
     if hasattr(dynamo, "accumulated_recompile_limit"):
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
+    if scope == "whole":
+        return torch.compile(net, **options)
     for owner, name in net.compile_regions():
         # A method (a block's forward), not the module (nn.Module.compile): then each class has its own cache
         # of graphs, and a call looks through that class's entries only.

@@ -191,15 +191,6 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(c, eps=1e-6, groups=cfg.norm_groups)
         self.conv_out = OutConv(c, 3, temporal, cfg.video_kernel_size)
 
-    def compile_regions(self) -> list[tuple[nn.Module, str]]:
-        """(module, method) pairs that runtime.compile_network compiles one by one (see UNet.compile_regions)."""
-        blocks = (ResnetBlock, AttnBlock, Upsample)
-        return [(m, "forward") for m in self.modules() if isinstance(m, blocks)] + [(self, "head")]
-
-    def head(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Norm, SiLU and the output convs, as one region."""
-        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
-
     def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         h = self.mid(self.conv_in(z), num_frames)
         for level in reversed(self.up):
@@ -207,7 +198,7 @@ class Decoder(nn.Module):
                 h = block(h, num_frames)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.head(h, num_frames)
+        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
 
 
 class VAE(nn.Module):
