@@ -219,6 +219,30 @@ def test_low_memory_mode_gives_the_same_video(tiny):
     assert np.abs(fast - low).max() <= 1
 
 
+@pytest.mark.parametrize(
+    "env, changed",
+    [
+        ({}, True),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, False),
+        ({"PYTORCH_ALLOC_CONF": ""}, False),
+    ],
+)
+def test_low_mode_makes_allocator_segments_expandable_unless_the_user_chose(monkeypatch, env, changed):
+    """Low mode asks PyTorch's CUDA allocator for expandable segments (fixed ones fragmented an 8 GB budget), but
+    never overrides an allocator configuration the user set. The CUDA side is replaced by a recorder here."""
+    from img2vid import runtime
+
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    assert runtime.use_expandable_segments() is changed
+    assert calls == (["expandable_segments:True"] if changed else [])
+
+
 def test_channels_last_weights_change_nothing():
     """The GPU layout (NHWC/NDHWC weights and inputs) must give the same numbers; checked here on the CPU."""
     from img2vid import runtime

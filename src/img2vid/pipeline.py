@@ -76,6 +76,7 @@ class Pipeline:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
         if self.offloading:
+            runtime.use_expandable_segments()
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
             runtime.offload(self.image_encoder)
             runtime.offload(self.vae)

@@ -2,26 +2,46 @@
 
 fast -- everything resident on the GPU, both guidance halves in one batch.
 low  -- for small GPUs: guidance halves one after the other, the image encoder and the VAE stay off the GPU
-        except while they run, the UNet leaves it while decoding, and decoding takes 7 frames at a time
-        instead of the reference's 14 (LOW_MEMORY_DECODE_CHUNK). Sampling gives the same numbers as fast
-        mode up to floating-point reassociation; the smaller decode chunk changes the video slightly
-        (say decode_chunk_size=14 to keep the reference's, at about 12 GiB peak).
+        except while they run, the UNet leaves it while decoding, decoding takes 7 frames at a time instead
+        of the reference's 14 (LOW_MEMORY_DECODE_CHUNK), and the CUDA allocator's segments are expandable
+        (use_expandable_segments). SVD-XT at its defaults then runs within a 7 GiB allocator cap with 6.2 GiB
+        of the card in use (RESULTS.md, run 24). Sampling gives the same numbers as fast mode up to
+        floating-point reassociation; the smaller decode chunk changes the video slightly (say
+        decode_chunk_size=14 to keep the reference's, at about 10 GiB peak).
 auto -- fast when the free memory allows it, else low.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .params import MEMORY_MODES as MODES
 
-# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 16.1 GiB
-# allocated (benchmarks/RESULTS.md, run 19). Below it, auto picks low.
+# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 14.2 GiB
+# allocated, and it ran to the end under a 21.5 GiB allocator cap, a 24 GB card (benchmarks/RESULTS.md, runs
+# 20-22). Below it, auto picks low.
 FAST_MIN_FREE_GIB = 20.0
-# In low mode, decoding 14 frames of 576x1024 at once peaks at 12.0 GiB, 7 at a time at 6.2 GiB (RESULTS.md,
-# run 19). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes
+# In low mode, decoding 14 frames of 576x1024 at once peaks at 10.0 GiB allocated, 7 at a time at 5.2 GiB
+# (RESULTS.md, run 20). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes
 # a chunk's frames).
 LOW_MEMORY_DECODE_CHUNK = 7
+
+
+def use_expandable_segments() -> bool:
+    """Have PyTorch's CUDA allocator grow its memory segments in place instead of cutting fixed-size ones
+    (`expandable_segments`), for the segments allocated from now on, in the whole process. Low mode calls it: on
+    a 7 GiB budget (an 8 GB card, simulated) fixed segments fragmented so badly that decoding 7 frames at a time
+    ran out of memory with 5.2 GiB allocated (benchmarks/RESULTS.md, runs 22-24). Left alone when the user has
+    configured the allocator (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF). Returns whether it changed it."""
+    configured = any(k in os.environ for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    # A private function (torch >= 2.1), hence looked up with a default; the setting itself is documented.
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if configured or setter is None or not torch.cuda.is_available():
+        return False
+    setter("expandable_segments:True")
+    return True
 
 
 def free_vram_gib(device: torch.device) -> float | None:
@@ -102,7 +122,6 @@ def uncompile_network(net: torch.nn.Module) -> None:
 def enable_compile_cache() -> None:
     """Keep Inductor's compiled kernels and autotuning results under ~/.cache/img2vid so the compile is paid once
     per machine and reused by later processes (unless the user chose a cache directory)."""
-    import os
     from pathlib import Path
 
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
