@@ -17,6 +17,9 @@ Parts:
   diffusers  diffusers' StableVideoDiffusionPipeline, fp16 eager, decode_chunk_size 8, as
              shared/bench/diffusers_baseline.py measures it
   load       a full-size fp16 single file from the page cache to a GPU-ready pipeline
+
+--memory-cap-gib N caps PyTorch's allocator at N GiB, as on a smaller card (e.g. `--parts low
+--memory-cap-gib 7`): the parts then skip their extra measurements (eager decode, other decode chunks).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def image() -> np.ndarray:
 
 
 COMPILE = {"scope": True}  # --compile: the pipeline's default scope, or "regions" / "whole"
+CAP = {"GiB": None}  # --memory-cap-gib
 
 
 def random_pipeline(
@@ -114,6 +118,8 @@ def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chu
     out["peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     out["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
     out["resident_GiB"] = torch.cuda.memory_allocated() / 2**30
+    free, total = torch.cuda.mem_get_info()
+    out["device_used_GiB"] = (total - free) / 2**30  # the whole card: reserved memory, CUDA context, kernels
     out["unet_s_per_step"] = float(np.median(step_times[1:]))  # sampler step = one guided UNet evaluation
     # Decode alone, with the pipeline's own chunking.
     lat = torch.randn(frames, 4, H // 8, W // 8, device=DEV)
@@ -123,6 +129,8 @@ def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chu
     pipe.decode(lat, pipe.default_decode_chunk())
     out["decode_s"] = sync_time() - t
     out["decode_peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if CAP["GiB"]:  # under a memory cap: no extra measurements, they may need more than the mode's budget
+        a_decode_chunks = ()
     for chunk in a_decode_chunks:  # what smaller decode chunks would cost in memory (they change the video)
         pipe.decode(lat, chunk)
         torch.cuda.reset_peak_memory_stats()
@@ -130,13 +138,15 @@ def measure(pipe: Pipeline, frames: int, steps: int, runs: int = 2, a_decode_chu
         pipe.decode(lat, chunk)
         out[f"decode_chunk{chunk}_s"] = sync_time() - t
         out[f"decode_chunk{chunk}_peak_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    if pipe.compiled:  # the same decode without compiling, for comparison
+    if pipe.compiled and not CAP["GiB"]:  # the same decode without compiling, for comparison
         with uncompiled(pipe):
             pipe.decode(lat, pipe.default_decode_chunk())
             t = sync_time()
             pipe.decode(lat, pipe.default_decode_chunk())
             out["decode_eager_s"] = sync_time() - t
     out["frames_shape"] = list(video.frames.shape)
+    if video.params.get("note"):  # e.g. an out-of-memory decode retried with fewer frames at a time
+        out["note"] = video.params["note"]
     out["black_frames"] = int((video.frames.reshape(frames, -1).max(1) == 0).sum())
     return out
 
@@ -403,15 +413,26 @@ def main():
     ap.add_argument("--exact-steps", type=int, default=25)
     ap.add_argument("--exact-model", default="svd-xt", choices=["svd-xt", "svd"])
     ap.add_argument("--compile", default="default", choices=["default", "regions", "whole"])
+    ap.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        help="cap PyTorch's allocator at this many GiB (a smaller card, simulated): a part that needs more "
+        "fails with out-of-memory",
+    )
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     COMPILE["scope"] = True if a.compile == "default" else a.compile
+    if a.memory_cap_gib:
+        CAP["GiB"] = a.memory_cap_gib
+        total = torch.cuda.get_device_properties(DEV).total_memory
+        torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2**30 / total, torch.cuda.current_device())
     res = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "compile": a.compile,
+        "memory_cap_GiB": a.memory_cap_gib,
     }
     for part in a.parts.split(","):
         t = time.perf_counter()
