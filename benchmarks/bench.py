@@ -426,7 +426,9 @@ def main():
     if a.memory_cap_gib:
         CAP["GiB"] = a.memory_cap_gib
         total = torch.cuda.get_device_properties(DEV).total_memory
-        torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2**30 / total, torch.cuda.current_device())
+        torch.cuda.set_per_process_memory_fraction(
+            a.memory_cap_gib * 2**30 / total, torch.cuda.current_device()
+        )
     res = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
