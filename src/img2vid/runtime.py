@@ -24,8 +24,8 @@ from .params import MEMORY_MODES as MODES
 # 20-22). Below it, auto picks low.
 FAST_MIN_FREE_GIB = 20.0
 # In low mode, decoding 14 frames of 576x1024 at once peaks at 10.0 GiB allocated, 7 at a time at 5.2 GiB
-# (RESULTS.md, run 20). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal decoder mixes
-# a chunk's frames).
+# (RESULTS.md, run 20). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal
+# decoder mixes a chunk's frames).
 LOW_MEMORY_DECODE_CHUNK = 7
 
 
