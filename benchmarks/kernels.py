@@ -7,6 +7,9 @@
   (B*tokens, heads, 25 frames, 64), fed the strided views the UNet makes;
 - geglu: the GEGLU projection of every level, unfused (cuBLAS GEMM, then the gate, both as torch.compile makes
   them) against the fused Triton kernel of geglu_triton.py (an experiment img2vid does not use), with its deviation from the fp32 result.
+- groupnorm: group norm + SiLU compiled, PyTorch's nn.GroupNorm against img2vid's GroupNorm (its channels-last
+  formulation), on the channels-last tensors of the UNet's resblocks (per frame and temporal) and of the VAE
+  decoder, with the bandwidth reached (one read and one write counted) and the deviation from fp32.
 Writes kernels.json.
 """
 
@@ -112,6 +115,51 @@ def geglu(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
         del x, w, b
 
 
+GN_SHAPES = [  # (name, shape, eps); 4-D tensors are channels-last, 5-D ones (N, C, T, H, W) channels-last-3d
+    ("unet_l0", (50, 320, 72, 128), 1e-5),
+    ("unet_l0_cat", (50, 640, 72, 128), 1e-5),
+    ("unet_l0_temporal", (2, 320, 25, 72, 128), 1e-5),
+    ("unet_l1", (50, 640, 36, 64), 1e-5),
+    ("unet_l1_temporal", (2, 640, 25, 36, 64), 1e-5),
+    ("unet_l2", (50, 1280, 18, 32), 1e-5),
+    ("vae_576x1024", (14, 128, 576, 1024), 1e-6),
+    ("vae_576x1024_temporal", (1, 128, 14, 576, 1024), 1e-6),
+    ("vae_288x512", (14, 256, 288, 512), 1e-6),
+    ("vae_144x256", (14, 512, 144, 256), 1e-6),
+]
+
+
+def groupnorm(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from img2vid.models.layers import GroupNorm
+
+    for name, shape, eps in GN_SHAPES:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = torch.randn(shape, device="cuda", dtype=dt).mul_(2).add_(0.5).contiguous(memory_format=fmt)
+        w = torch.empty(shape[1], device="cuda", dtype=dt).uniform_(0.5, 1.5)
+        b = torch.empty(shape[1], device="cuda", dtype=dt).uniform_(-0.5, 0.5)
+        ref = F.silu(F.group_norm(x.float(), 32, w.float(), b.float(), eps))
+        row = {}
+        for label, cls in (("stock", torch.nn.GroupNorm), ("img2vid", GroupNorm)):
+            torch._dynamo.reset()
+            gn = cls(32, shape[1], eps=eps).to("cuda", dt)
+            gn.load_state_dict({"weight": w, "bias": b})
+            f = torch.compile(lambda t, gn=gn: F.silu(gn(t)), fullgraph=True, dynamic=False)
+            with torch.no_grad():
+                out = f(x)
+                ms = bench_ms(lambda f=f, x=x: f(x))
+            row[label] = {
+                "ms": ms,
+                "GBps_read_write": 2 * x.numel() * x.element_size() / ms / 1e6,
+                "max_abs_err_vs_fp32": (out.float() - ref).abs().max().item(),
+                "out_channels_last": out.is_contiguous(memory_format=fmt),
+            }
+            del out
+        res[f"groupnorm_{name}"] = row
+        print(f"groupnorm {name} {shape}", json.dumps(row), flush=True)
+        del x, ref
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="attention,geglu")
@@ -121,7 +169,7 @@ def main():
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
     for part in a.parts.split(","):
-        {"attention": attention, "geglu": geglu}[part](res, dt, frames=25, videos=2)
+        {"attention": attention, "geglu": geglu, "groupnorm": groupnorm}[part](res, dt, frames=25, videos=2)
         Path(a.out, "kernels.json").write_text(json.dumps(res, indent=1))
 
 

@@ -8,7 +8,9 @@ A variant is "eager", "channels_last" or "compile" followed by options joined wi
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
 geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd
 (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
-graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused).
+graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
+(PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
+skip connections instead of layers.cat_channels).
 Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
@@ -25,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import img2vid.models.unet as unet_module  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
-from img2vid.models.layers import GEGLU, Attention, attention  # noqa: E402
+from img2vid.models.layers import GEGLU, Attention, GroupNorm, attention  # noqa: E402
 from img2vid.runtime import compile_network, uncompile_network, use_channels_last  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +48,12 @@ def _tma_geglu_forward(self, x):  # its persistent TMA version (option "tma")
 
 
 _ATTENTION_FORWARD = Attention.forward
+_GROUPNORM_FORWARD = GroupNorm.forward
+_CAT_CHANNELS = unet_module.cat_channels
+
+
+def _plain_cat(tensors):  # option "plaincat"
+    return torch.cat(tensors, dim=1)
 
 
 def _qkv3_attention_forward(self, x, context=None):  # option "qkv3": separate q/k/v products
@@ -111,6 +120,8 @@ def main():
         m = unet
         GEGLU.forward = _GEGLU_FORWARD
         Attention.forward = _qkv3_attention_forward if "qkv3" in opts else _ATTENTION_FORWARD
+        GroupNorm.forward = torch.nn.GroupNorm.forward if "stockgn" in opts else _GROUPNORM_FORWARD
+        unet_module.cat_channels = _plain_cat if "plaincat" in opts else _CAT_CHANNELS
         if "geglu" in opts:
             GEGLU.forward = _fused_geglu_forward
         if "tma" in opts:

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .layers import Attention, FeedForward, MixFactor, cross_attend, group_norm, timestep_embedding
+from .layers import (
+    Attention,
+    FeedForward,
+    MixFactor,
+    cat_channels,
+    cross_attend,
+    group_norm,
+    timestep_embedding,
+)
 
 
 class ResBlock(nn.Module):
@@ -59,7 +67,7 @@ class VideoResBlock(ResBlock):
     ) -> torch.Tensor:
         """`skip`: the decoder side's skip connection, concatenated to x here (inside the compiled block)."""
         if skip is not None:
-            x = torch.cat([x, skip], dim=1)
+            x = cat_channels([x, skip])
         x = super().forward(x, emb)
         BT, C, H, W = x.shape
         x = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, T, H, W)
