@@ -28,11 +28,12 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters, same checkpoint names) that compiles well on channels-last tensors.
 
     Compiled, a channels-last input with fewer than FEW_ROWS (sample, group) pairs goes through
-    `group_norm_channels_last`: the temporal norms of the UNet and the VAE decoder (one row per group of each
-    video: 64 rows for two videos) and the decoder's per-frame norms (32 per frame). On an H100 that made them
-    2.8-5.4x faster (benchmarks/kernels.py, part groupnorm). With more rows, as in the UNet's per-frame norms
-    (32 per frame, 50 frames), PyTorch's lowering was as fast, and keeping it left Inductor's plan for the
-    transformers as it was (the new form changed it to one holding 1.1 GiB more). Eager mode: F.group_norm."""
+    `group_norm_channels_last`: the UNet's temporal norms (one row per group of each video: 64 rows for two
+    videos) and the VAE decoder's (32 rows per frame, or per video in its temporal layers). On an H100 that made
+    the UNet's temporal norms 2.8-5.4x faster and the decoder's full-resolution ones 2.6-2.9x (benchmarks/
+    RESULTS.md, runs 25-27). With more rows, as in the UNet's per-frame norms (1600 for 50 frames), PyTorch's
+    lowering was as fast, and keeping it there leaves Inductor's plan for the transformers as it was: the new
+    form in their input norm changed it to one that held 1.1 GiB more. Eager mode: F.group_norm."""
 
     FEW_ROWS = 512
 
@@ -54,9 +55,9 @@ def channels_last(x: torch.Tensor) -> bool:
 
 def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat(tensors, dim=1), kept channels-last when the inputs are. Compiled, a plain concatenation of
-    channels-last tensors was stored in NCHW order by Inductor, and the group norm after it read it across
-    strides (2 ms instead of 0.5 for a 640-channel level-0 input of the UNet); concatenating along the last
-    axis of the (N, H, W, C) views stores it channels-last."""
+    channels-last tensors was stored in NCHW order by Inductor, and the group norm after it read that across
+    strides; concatenating along the last axis of the (N, H, W, C) views stores it channels-last. For the
+    UNet's skip connections that made a UNet call 3.2% faster (benchmarks/RESULTS.md, run 27)."""
     if all(channels_last(t) for t in tensors):
         return torch.cat([t.movedim(1, -1) for t in tensors], dim=-1).movedim(-1, 1)
     return torch.cat(tensors, dim=1)
