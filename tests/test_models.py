@@ -182,8 +182,8 @@ def test_cat_channels_keeps_channels_last():
 @torch.no_grad()
 def test_channels_last_unet_traces_and_matches_eager():
     """The UNet as the GPU runs it (channels-last weights and input), traced block by block by Dynamo: the
-    tiny model's norms all have few rows, so every group norm takes the channels-last formulation and every
-    skip connection cat_channels; the output matches eager mode's."""
+    tiny model's norms all have few rows, so every group norm takes the channels-last formulation (the skip
+    connections go through cat_channels's channels-last path too); the output matches eager mode's."""
     from img2vid import runtime
 
     pipe = img2vid.load("tiny", device="cpu")
