@@ -368,20 +368,3 @@ def test_setup_switches_compiling_on_and_off(monkeypatch):
         assert pipe.decoder_forward is pipe.vae.decoder
     finally:
         torch._dynamo.reset()
-
-
-def test_compile_network_asks_inductor_for_multi_kernel_reductions(monkeypatch):
-    """Without a test backend, compile_network passes Inductor the multi-kernel option (RESULTS.md, run 32), and
-    the option is one this torch knows (torch.compile validates Inductor options when it is called). A test
-    backend gets no Inductor options."""
-    from img2vid import runtime
-
-    calls = []
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
-    runtime.compile_network(torch.nn.Linear(2, 2), "whole")
-    runtime.compile_network(torch.nn.Linear(2, 2), "whole", backend="eager")
-    inductor, eager = calls
-    assert inductor["options"] == {"triton.multi_kernel": 1} and inductor["fullgraph"]
-    assert "options" not in eager and eager["backend"] == "eager"
-    real(torch.nn.Linear(2, 2), **inductor)  # raises on an option Inductor does not have

@@ -91,10 +91,6 @@ def compile_network(net: torch.nn.Module, scope: str, **options):
     """Compile `net` for inference at fixed shapes; returns what to call instead of `net`. `options` go to
     torch.compile (the tests pass a backend)."""
     options = {"fullgraph": True, "dynamic": False, **options}
-    if "backend" not in options:
-        # Inductor compiles each reduction (the norms) both as a persistent and as a looped kernel and keeps the
-        # faster one when first run: one UNet call took 0.3642 s against 0.3711 on an H200 (RESULTS.md, run 32).
-        options["options"] = {"triton.multi_kernel": 1, **options.get("options", {})}
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     # Each distinct input shape is a graph of its own (dynamic=False): block by block, SVD-XT at one resolution
