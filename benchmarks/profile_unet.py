@@ -11,7 +11,8 @@ geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GE
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
 skip connections instead of layers.cat_channels), halves (the two guidance halves one after the other, batch
-T each, as low mode runs them), streams (the two halves at once on two CUDA streams).
+T each, as low mode runs them), streams (the two halves at once on two CUDA streams), mk
+(Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept).
 Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
@@ -152,6 +153,7 @@ def main():
             cfg_ = torch._inductor.config
             cfg_.max_autotune_gemm = "max" in opts
             cfg_.coordinate_descent_tuning = "cd" in opts
+            cfg_.triton.multi_kernel = 1 if "mk" in opts else 0
             if hasattr(cfg_, "max_autotune_conv_backends"):
                 cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
             mode = "reduce-overhead" if "cg" in opts else None
