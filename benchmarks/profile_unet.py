@@ -12,7 +12,8 @@ graph), qkv3 (self-attention with three q/k/v products instead of one, as before
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
 skip connections instead of layers.cat_channels), halves (the two guidance halves one after the other, batch
 T each, as low mode runs them), streams (the two halves at once on two CUDA streams), mk
-(Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept).
+(Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept; it
+crashed on a compile-cache hit in the pipeline, RESULTS.md runs 32-33).
 Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
