@@ -7,6 +7,9 @@
   (B*tokens, heads, 25 frames, 64), fed the strided views the UNet makes;
 - geglu: the GEGLU projection of every level, unfused (cuBLAS GEMM, then the gate, both as torch.compile makes
   them) against the fused Triton kernel of geglu_triton.py (an experiment img2vid does not use), with its deviation from the fp32 result.
+- gateddown: GEGLU's gate + the down projection of every level, compiled unfused against the Triton kernel of
+  gated_down_triton.py (its gate as the GEMM's prologue), per tile configuration, with the deviation from fp32;
+- tunable: the UNet's linear layers under cuBLAS's heuristics and under PyTorch's TunableOp;
 - groupnorm: group norm + SiLU compiled, PyTorch's nn.GroupNorm against img2vid's GroupNorm (its channels-last
   formulation), on the channels-last tensors of the UNet's resblocks (per frame and temporal) and of the VAE
   decoder, with the bandwidth reached (one read and one write counted) and the deviation from fp32.
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gated_down_triton  # noqa: E402
 import geglu_triton as kernels  # noqa: E402
 from profile_unet import bench  # noqa: E402  (median of CUDA-event timings)
 
@@ -115,6 +119,75 @@ def geglu(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
         del x, w, b
 
 
+def gateddown(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
+    """GEGLU gate + down projection: compiled unfused (Inductor's gate kernel, then cuBLAS) against the Triton
+    kernel of gated_down_triton.py with each of its tile configurations and with Triton's autotuning."""
+    unfused = torch.compile(gated_down_triton.gated_down_reference, fullgraph=True, dynamic=False)
+    for tokens, C, _ in LEVELS + [(144, 1280, 20)]:
+        M, H = videos * frames * tokens, 4 * C
+        hg = torch.randn(M, 2 * H, device="cuda", dtype=dt)
+        w = torch.randn(C, H, device="cuda", dtype=dt) / H**0.5
+        b = torch.randn(C, device="cuda", dtype=dt) * 0.1
+        flop = 2 * M * H * C
+        ref32 = gated_down_triton.gated_down_reference(hg[:4096].float(), w.float(), b.float())
+        fns = [("compiled_unfused", unfused), ("triton_autotuned", gated_down_triton.gated_down)]
+        fns += [
+            (f"triton_{'_'.join(map(str, c))}", lambda h, w, b, c=c: gated_down_triton.gated_down(h, w, b, c))
+            for c in gated_down_triton.CONFIGS
+        ]
+        row = {}
+        for name, f in fns:
+
+            def fn(f=f, hg=hg, w=w, b=b):
+                return f(hg, w, b)
+
+            try:
+                out = fn()
+                ms = bench_ms(fn)
+            except Exception as e:  # a tile may not fit the shared memory
+                row[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                continue
+            row[name] = {
+                "ms": ms,
+                "TFLOPs": flop / ms / 1e9,
+                "max_abs_err_vs_fp32": (out[:4096].float() - ref32).abs().max().item(),
+                "mean_abs_err_vs_fp32": (out[:4096].float() - ref32).abs().mean().item(),
+            }
+        best = getattr(gated_down_triton._autotuned, "best_config", None)
+        row["autotuned_config"] = str(best)
+        res[f"gateddown_M{M}_H{H}_N{C}"] = row
+        print(f"gateddown M={M} H={H} N={C}", json.dumps(row), flush=True)
+        del hg, w, b
+
+
+def tunable(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
+    """The UNet's linear layers (with bias, as addmm) under cuBLAS's default heuristics, then under PyTorch's
+    TunableOp, which times every cuBLASLt algorithm for each shape on first use and keeps the fastest."""
+    shapes = []
+    for tokens, C, _ in LEVELS:
+        M = videos * frames * tokens
+        shapes += [(M, C, 3 * C), (M, C, C), (M, C, 8 * C), (M, 4 * C, C)]
+    rows = {}
+    for tuned in (False, True):
+        torch.cuda.tunable.enable(tuned)
+        torch.cuda.tunable.tuning_enable(tuned)
+        torch.cuda.tunable.set_filename(str(Path(os.environ.get("OUT", "/tmp"), "tunableop.csv")))
+        for M, K, N in shapes:
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+            w = torch.randn(N, K, device="cuda", dtype=dt) / K**0.5
+            b = torch.randn(N, device="cuda", dtype=dt)
+            ms = bench_ms(lambda x=x, w=w, b=b: F.linear(x, w, b))
+            key = f"M{M}_K{K}_N{N}"
+            rows.setdefault(key, {})["tunableop" if tuned else "default"] = {
+                "ms": ms,
+                "TFLOPs": 2 * M * K * N / ms / 1e9,
+            }
+            print("tunable", key, rows[key], flush=True)
+            del x, w, b
+    torch.cuda.tunable.enable(False)
+    res["tunableop_linear"] = rows
+
+
 GN_SHAPES = [  # (name, shape, eps); 4-D tensors are channels-last, 5-D ones (N, C, T, H, W) channels-last-3d
     ("unet_l0", (50, 320, 72, 128), 1e-5),
     ("unet_l0_cat", (50, 640, 72, 128), 1e-5),
@@ -169,7 +242,14 @@ def main():
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
     for part in a.parts.split(","):
-        {"attention": attention, "geglu": geglu, "groupnorm": groupnorm}[part](res, dt, frames=25, videos=2)
+        parts = {
+            "attention": attention,
+            "geglu": geglu,
+            "groupnorm": groupnorm,
+            "gateddown": gateddown,
+            "tunable": tunable,
+        }
+        parts[part](res, dt, frames=25, videos=2)
         Path(a.out, "kernels.json").write_text(json.dumps(res, indent=1))
 
 
