@@ -13,7 +13,9 @@ graph), qkv3 (self-attention with three q/k/v products instead of one, as before
 skip connections instead of layers.cat_channels), halves (the two guidance halves one after the other, batch
 T each, as low mode runs them), streams (the two halves at once on two CUDA streams), mk
 (Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept; it
-crashed on a compile-cache hit in the pipeline, RESULTS.md runs 32-33).
+crashed on a compile-cache hit in the pipeline, RESULTS.md runs 32-33), and the Inductor flags of
+INDUCTOR_OPTIONS: nd (2-D tiles for transposed reads), af (aggressive fusion), combo (combo kernels), mp
+(tuning each pointwise kernel's tile size).
 Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
@@ -67,6 +69,27 @@ def _qkv3_attention_forward(self, x, context=None):  # option "qkv3": separate q
     B, N, C = q.shape
     q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
     return self.to_out(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+# Options that set Inductor configuration flags (run 35): name -> {config path: value}.
+INDUCTOR_OPTIONS = {
+    "nd": {"triton.prefer_nd_tiling": True, "triton.tile_reductions": True},  # 2-D tiles for transposes
+    "af": {"aggressive_fusion": True},  # fuse nodes even without shared reads
+    "combo": {"combo_kernels": True},  # independent small kernels launched as one
+    "mp": {"max_autotune_pointwise": True},  # time several tile sizes of each pointwise/reduction kernel
+}
+
+
+def _set_inductor_options(opts: list[str], defaults: dict) -> None:
+    """Put every INDUCTOR_OPTIONS flag back to its default, then set those of the options named in opts."""
+    for name, flags in INDUCTOR_OPTIONS.items():
+        for path, value in flags.items():
+            owner, _, attr = ("torch._inductor.config." + path).rpartition(".")
+            obj = torch._inductor.config
+            for part in owner.split(".")[3:]:
+                obj = getattr(obj, part)
+            defaults.setdefault(path, getattr(obj, attr))
+            setattr(obj, attr, value if name in opts else defaults[path])
 
 
 def bench(fn, n=5, warmup=2):
@@ -130,6 +153,7 @@ def main():
         return torch.cat(outs)
 
     ref = None
+    inductor_defaults: dict = {}
     for v in a.variants.split(","):
         opts = v.split("_")
         torch.cuda.reset_peak_memory_stats()
@@ -155,6 +179,7 @@ def main():
             cfg_.max_autotune_gemm = "max" in opts
             cfg_.coordinate_descent_tuning = "cd" in opts
             cfg_.triton.multi_kernel = 1 if "mk" in opts else 0
+            _set_inductor_options(opts, inductor_defaults)
             if hasattr(cfg_, "max_autotune_conv_backends"):
                 cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
             mode = "reduce-overhead" if "cg" in opts else None
