@@ -12,6 +12,12 @@ gate's loads are pipelined like any other operand's.
 The gate is computed as Inductor computes it (fp32 from half-precision inputs, exact-erf GELU, rounded to the
 input dtype once), so the GEMM's A operand is the same tensor the unfused path materialises; only the GEMM's
 summation order differs.
+
+Result (RESULTS.md, run 34, H100): 1.7-2.3x slower than the unfused path at every level (level 0: 3.12 ms against
+1.86). Each output tile recomputes the gate for its slice of the output columns, and the time grew with the number
+of such slices: 1.4-2.2 ms per pass over the gated elements, against 1.86 ms for the whole unfused path (the erf,
+the conversions and the move into the matrix units' operand layout, as we read it; not profiled further).
+img2vid does not use it.
 """
 
 from __future__ import annotations

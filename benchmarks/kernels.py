@@ -162,7 +162,8 @@ def gateddown(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
 
 def tunable(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
     """The UNet's linear layers (with bias, as addmm) under cuBLAS's default heuristics, then under PyTorch's
-    TunableOp, which times every cuBLASLt algorithm for each shape on first use and keeps the fastest."""
+    TunableOp, which times the candidates it has for each shape on first use and keeps the fastest (for a GEMM
+    with a bias, torch 2.11 offers it only its default: RESULTS.md, run 34)."""
     shapes = []
     for tokens, C, _ in LEVELS:
         M = videos * frames * tokens

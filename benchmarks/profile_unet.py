@@ -14,8 +14,8 @@ skip connections instead of layers.cat_channels), halves (the two guidance halve
 T each, as low mode runs them), streams (the two halves at once on two CUDA streams), mk
 (Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept; it
 crashed on a compile-cache hit in the pipeline, RESULTS.md runs 32-33), and the Inductor flags of
-INDUCTOR_OPTIONS: nd (2-D tiles for transposed reads), af (aggressive fusion), combo (combo kernels), mp
-(tuning each pointwise kernel's tile size).
+INDUCTOR_OPTIONS: nd (2-D tiles for transposed reads), af (aggressive fusion), mp (tuning each pointwise
+kernel's tile size); none was faster (RESULTS.md, run 35).
 Run each compiled variant in a process of its own, with its own TORCHINDUCTOR_CACHE_DIR, for cold compile times.
 """
 
@@ -75,7 +75,6 @@ def _qkv3_attention_forward(self, x, context=None):  # option "qkv3": separate q
 INDUCTOR_OPTIONS = {
     "nd": {"triton.prefer_nd_tiling": True, "triton.tile_reductions": True},  # 2-D tiles for transposes
     "af": {"aggressive_fusion": True},  # fuse nodes even without shared reads
-    "combo": {"combo_kernels": True},  # independent small kernels launched as one
     "mp": {"max_autotune_pointwise": True},  # time several tile sizes of each pointwise/reduction kernel
 }
 
@@ -84,9 +83,9 @@ def _set_inductor_options(opts: list[str], defaults: dict) -> None:
     """Put every INDUCTOR_OPTIONS flag back to its default, then set those of the options named in opts."""
     for name, flags in INDUCTOR_OPTIONS.items():
         for path, value in flags.items():
-            owner, _, attr = ("torch._inductor.config." + path).rpartition(".")
+            *owners, attr = path.split(".")
             obj = torch._inductor.config
-            for part in owner.split(".")[3:]:
+            for part in owners:
                 obj = getattr(obj, part)
             defaults.setdefault(path, getattr(obj, attr))
             setattr(obj, attr, value if name in opts else defaults[path])
