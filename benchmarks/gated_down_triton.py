@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from geglu_triton import _HAVE_TRITON
 
-try:  # Triton ships with the CUDA builds of PyTorch; the CPU build has none.
+if _HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    _HAVE_TRITON = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-except ImportError:  # pragma: no cover - depends on the install
-    _HAVE_TRITON = False
+    from geglu_triton import _configs
 
 
 def gated_down_reference(hg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -51,14 +49,6 @@ if _HAVE_TRITON:
         (128, 128, 32, 5, 8),
         (128, 64, 128, 3, 8),
     ]
-
-    def _autotune_configs():
-        return [
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
-            )
-            for bm, bn, bk, s, w in CONFIGS
-        ]
 
     @triton.jit
     def _gated_down_kernel(
@@ -110,7 +100,7 @@ if _HAVE_TRITON:
         o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-    _autotuned = triton.autotune(configs=_autotune_configs(), key=["M", "N", "H"])(_gated_down_kernel)
+    _autotuned = triton.autotune(configs=_configs(CONFIGS), key=["M", "N", "H"])(_gated_down_kernel)
 
     def gated_down(
         hg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config: tuple | None = None
