@@ -4,7 +4,8 @@
     python benchmarks/kernels.py --out $OUT
 
 - attention: each SDPA backend on the spatial self-attention (B*T, heads, tokens, 64) and the temporal one
-  (B*tokens, heads, 25 frames, 64), fed the strided views the UNet makes;
+  (B*tokens, heads, 25 frames, 64), fed the strided views the UNet makes, and the default backend on contiguous
+  copies of them;
 - geglu: the GEGLU projection of every level, unfused (cuBLAS GEMM, then the gate, both as torch.compile makes
   them) against the fused Triton kernel of geglu_triton.py (an experiment img2vid does not use), with its deviation from the fp32 result.
 - gateddown: GEGLU's gate + the down projection of every level, compiled unfused against the Triton kernel of
@@ -55,14 +56,16 @@ def attention(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
             flop = 4 * batch * heads * seq * seq * (C // heads)
             ref = None
-            for name in ["default", *backends]:
+            contiguous = [t.contiguous() for t in (q, k, v)]  # (B, heads, N, d) each, not views of one buffer
+            for name in ["default", "default_contiguous", *backends]:
                 key = f"attn_{kind}_{tokens}_{name}"
+                qkv_in = contiguous if name == "default_contiguous" else (q, k, v)
 
-                def fn(q=q, k=k, v=v, b=backends.get(name)):
+                def fn(qkv_in=qkv_in, b=backends.get(name)):
                     if b is None:
-                        return F.scaled_dot_product_attention(q, k, v)
+                        return F.scaled_dot_product_attention(*qkv_in)
                     with sdpa_kernel([b]):
-                        return F.scaled_dot_product_attention(q, k, v)
+                        return F.scaled_dot_product_attention(*qkv_in)
 
                 try:
                     out = fn()
@@ -76,7 +79,7 @@ def attention(res: dict, dt: torch.dtype, frames: int, videos: int) -> None:
                 except Exception as e:  # a backend may refuse a shape or layout
                     res[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(key, res[key], flush=True)
-            del qkv, q, k, v
+            del qkv, q, k, v, contiguous, qkv_in
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         tokens, C, heads = LEVELS[0]
         qkv = torch.randn(videos * frames, tokens, 3 * C, device="cuda", dtype=dt)
