@@ -29,7 +29,7 @@ from geglu_triton import _HAVE_TRITON
 if _HAVE_TRITON:
     import triton
     import triton.language as tl
-    from geglu_triton import _configs
+    from geglu_triton import _configs, _tile_position
 
 
 def gated_down_reference(hg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,15 +68,7 @@ if _HAVE_TRITON:
         GROUP_M: tl.constexpr,
     ):
         """One (BLOCK_M, BLOCK_N) output tile. H (the gated width) must be a multiple of BLOCK_K."""
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        tile = tl.program_id(0)
-        per_group = GROUP_M * num_n  # grouped order: GROUP_M row blocks share the weight tiles in L2
-        first_m = (tile // per_group) * GROUP_M
-        group_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % group_m
-        pid_n = (tile % per_group) // group_m
-
+        pid_m, pid_n = _tile_position(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)

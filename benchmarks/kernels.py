@@ -245,14 +245,14 @@ def main():
     a = ap.parse_args()
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype}
+    parts = {
+        "attention": attention,
+        "geglu": geglu,
+        "groupnorm": groupnorm,
+        "gateddown": gateddown,
+        "tunable": tunable,
+    }
     for part in a.parts.split(","):
-        parts = {
-            "attention": attention,
-            "geglu": geglu,
-            "groupnorm": groupnorm,
-            "gateddown": gateddown,
-            "tunable": tunable,
-        }
         parts[part](res, dt, frames=25, videos=2)
         Path(a.out, "kernels.json").write_text(json.dumps(res, indent=1))
 
