@@ -9,6 +9,8 @@ img2vid loads them through its own diffusers key table.
 Parts:
   fast       SVD-XT defaults (25 frames, 576x1024, 25 steps, euler, cfg 1.5->3.0) in fast mode: compile
              seconds, end-to-end seconds, UNet seconds per step, decode seconds, peak memory, TFLOP/s
+  fast_plain the same without the fused GEGLU kernel of img2vid/gate_gemm.py (list it before fast)
+  gate_ab    fast mode with that kernel off and on in alternation, three generations each, one pipeline
   recompile  the same in a second process: the compile cache is reused across processes
   low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
   svd        SVD (14 frames, 25 steps, cfg 1.0->2.5) in fast mode
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from img2vid import checkpoint  # noqa: E402
+from img2vid import checkpoint, gate_gemm  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import build, init_random  # noqa: E402
 from img2vid.pipeline import Pipeline  # noqa: E402
@@ -198,11 +200,55 @@ def compiled_vs_eager(pipe: Pipeline, frames: int) -> dict:
 
 def part_fast(a, res):
     pipe = fast_pipeline()
-    r = measure(pipe, 25, a.steps)
+    r = {"fused_geglu": pipe.fused_geglu} | measure(pipe, 25, a.steps)
     r.update(compiled_vs_eager(pipe, 25))
     r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
     res["fast"] = r
     keep_exact_frames(a, pipe, "svd-xt", "fast")
+
+
+def part_fast_plain(a, res):
+    """fast mode without the fused GEGLU kernel (IMG2VID_GATE_GEMM=0), as on GPUs other than Hopper: what the
+    kernel gains on this card, in the same call. Run it before `fast`: the kernel, once on, is on process-wide."""
+    os.environ[gate_gemm.SWITCH] = "0"
+    try:
+        pipe = random_pipeline("svd-xt", torch.float16)
+        res["fast_plain"] = {"fused_geglu": pipe.fused_geglu} | measure(pipe, 25, a.steps)
+    finally:
+        del os.environ[gate_gemm.SWITCH]
+
+
+def part_gate_ab(a, res):
+    """The fused GEGLU kernel off and on in alternation, three times each, on one fast pipeline (Dynamo keeps
+    the compiled graphs of both), so that a long call's clock drift falls on both alike. Counts the kernel's
+    calls in each generation to show which path ran."""
+    pipe, img = fast_pipeline(), image()
+    calls = [0]
+    kernel = gate_gemm.gate_gemm
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    gate_gemm.gate_gemm = counted  # what the op calls (by name, at each call)
+    r: dict = {"off": [], "on": [], "kernel_calls_per_generation": {}}
+    try:
+        for _ in range(3):
+            for state in ("off", "on"):
+                os.environ[gate_gemm.SWITCH] = "0" if state == "off" else "1"
+                gate_gemm.enable(DEV, torch.float16)
+                pipe.generate(img, num_frames=25, num_steps=2, seed=1)  # compiles, the first time
+                calls[0] = 0
+                t = sync_time()
+                pipe.generate(img, num_frames=25, num_steps=a.steps, seed=1)
+                r[state].append(sync_time() - t)
+                r["kernel_calls_per_generation"][state] = calls[0]
+    finally:
+        gate_gemm.gate_gemm = kernel
+        os.environ.pop(gate_gemm.SWITCH, None)
+        gate_gemm.enable(DEV, torch.float16)
+    r["mean_on_over_off"] = float(np.mean(r["on"]) / np.mean(r["off"]))
+    res["gate_ab"] = r
 
 
 def part_recompile(a, res):
@@ -397,6 +443,8 @@ def part_load(a, res):
 
 PARTS = {
     "fast": part_fast,
+    "fast_plain": part_fast_plain,
+    "gate_ab": part_gate_ab,
     "recompile": part_recompile,
     "low": part_low,
     "svd": part_svd,
@@ -451,6 +499,8 @@ def main():
         Path(a.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
     if "fast" in res and "diffusers" in res and "e2e_s" in res.get("diffusers", {}):
         res["ratio_fast_vs_diffusers_e2e"] = res["fast"]["e2e_s"] / res["diffusers"]["e2e_s"]
+    if "fast_plain" in res and "diffusers" in res and "e2e_s" in res.get("diffusers", {}):
+        res["ratio_fast_plain_vs_diffusers_e2e"] = res["fast_plain"]["e2e_s"] / res["diffusers"]["e2e_s"]
     if "low" in res and "fast" in res and "e2e_s" in res.get("low", {}):
         res["ratio_low_vs_fast_e2e"] = res["low"]["e2e_s"] / res["fast"]["e2e_s"]
     Path(a.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))

@@ -6,7 +6,8 @@ Random weights at full size: timing does not depend on the values. Prints second
 2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
-geglu_triton.py experiment), tma (its persistent TMA kernel), max (Inductor's GEMM autotuning), cd
+geglu_triton.py experiment), tma (its persistent TMA kernel), cutlass (GEGLU's gate in a CUTLASS GEMM epilogue,
+img2vid/gate_gemm.py: the pipeline's default on Hopper since run 39; every other variant runs without it), max (Inductor's GEMM autotuning), cd
 (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import img2vid.models.unet as unet_module  # noqa: E402
+from img2vid import gate_gemm  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
 from img2vid.models.layers import GEGLU, Attention, GroupNorm, attention  # noqa: E402
@@ -167,6 +169,10 @@ def main():
             GEGLU.forward = _fused_geglu_forward
         if "tma" in opts:
             GEGLU.forward = _tma_geglu_forward
+        # GEGLU's gate in a CUTLASS GEMM epilogue (img2vid.gate_gemm, as the pipeline uses it on Hopper) only
+        # with option "cutlass", so that the other variants time the plain path.
+        os.environ[gate_gemm.SWITCH] = "1" if "cutlass" in opts else "0"
+        print("fused GEGLU kernel:", gate_gemm.enable(dev, dt), flush=True)
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one

@@ -796,6 +796,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         dtype = str(default_dtype(device)).removeprefix("torch.")
         out.append(("  default device", f"{device}, {dtype}"))
         out.append(("  memory mode (auto)", f"{mode} ({why})"))
+        from . import gate_gemm
+
+        out.append(("  fused GEGLU kernel", gate_gemm.status(device, default_dtype(device))))
         return out
 
     def _video():

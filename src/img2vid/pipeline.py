@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__ as _version
-from . import checkpoint, runtime, sampling
+from . import checkpoint, gate_gemm, runtime, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
 from .image import prepare_image, to_tensor
@@ -51,6 +51,7 @@ class Pipeline:
         self.device, self.dtype, self.source = device, dtype, source
         self.memory, self.memory_reason = "fast", "default"
         self.compiled = False
+        self.fused_geglu = "off"  # set by setup: gate_gemm.enable's answer
         self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
         self.decoder_forward = self.vae.decoder  # and the compiled decoder
 
@@ -75,6 +76,7 @@ class Pipeline:
             runtime.use_channels_last(self.vae)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+            self.fused_geglu = gate_gemm.enable(self.device, self.dtype)  # fp16 on Hopper; see gate_gemm.py
         if self.offloading:
             runtime.use_expandable_segments()
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.

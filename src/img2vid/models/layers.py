@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gate_gemm
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding, cos half first (the reference's order). t: (N,) -> (N, dim) float32."""
@@ -151,6 +153,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if gate_gemm.applies(x, self.proj.weight):  # fp16 on a Hopper GPU, once enabled (see gate_gemm.py)
+            return gate_gemm.geglu(x, self.proj.weight, self.proj.bias)
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
