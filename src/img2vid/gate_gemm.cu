@@ -21,7 +21,6 @@
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/epilogue/thread/activation.h"
-#include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
@@ -120,176 +119,11 @@ using Config2 = Kernel<S<128, 128, 64>, S<2, 1, 1>, Pong, PongEpi, Auto>;
 using Config3 = Kernel<S<128, 128, 64>, S<1, 2, 1>, Pong, PongEpi, Auto>;
 constexpr int kConfigs = 4;
 
-// ---------------------------------------------------------------------------------------------------------------
-// The whole GEGLU in one GEMM: W's two halves interleaved row by row (see interleave_rows in gate_gemm.py), so that
-// each thread's accumulators hold a and g of the same output side by side, and an epilogue that writes
-// a * gelu(g) straight from registers: half as many columns out as the GEMM computes, nothing read back.
-//
-// The SM90 wgmma accumulator layout gives each thread, per 8-column chunk c of the MMA atom, the columns 2q and
-// 2q+1 (q = lane % 4) of rows r and r + 8. Within each group of 32 columns (chunks 4G..4G+3) the interleaved
-// weight puts at column 8c' + 2q + p (c' = c - 4G) the row 16G + 4q + c' of W_a (p = 0) or W_g (p = 1), so the
-// thread owns outputs 16G + 4q .. 16G + 4q + 3 of its rows: one 8-byte store each, and the four lanes of a row
-// store 32 contiguous bytes.
-struct GegluEpilogue {
-  using EpilogueSchedule = cutlass::gemm::EpilogueDefault;
-  using DispatchPolicy = EpilogueSchedule;
-  using ElementC = void;
-  using ElementD = Half;
-  using ElementOutput = Half;
-  using ElementAccumulator = float;
-  using ElementCompute = float;
-  using ElementScalar = float;
-  using StrideC = Stride<int64_t, _1, int64_t>;
-  using StrideD = Stride<int64_t, _1, int64_t>;
-  using GmemTiledCopyC = void;
-  using GmemTiledCopyD = void;
-  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Half, 1, float, float>;  // a name only
-  struct SharedStorage {};
-  using TensorStorage = SharedStorage;
-
-  struct Arguments {
-    Half const* bias = nullptr;  // interleaved like the weight: 2N
-    Half* out = nullptr;         // M x N row-major
-    int64_t ld_out = 0;
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
-    return get<1>(problem_shape) % 32 == 0 && args.ld_out % 4 == 0;
-  }
-
-  CUTLASS_HOST_DEVICE
-  GegluEpilogue(Params const& params_, SharedStorage const& = SharedStorage()) : params(params_) {}
-
-  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
-            class TiledMma, class ResidueMNK>
-  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
-                                 BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
-    constexpr int BM = size<0>(BlockShapeMNK{});
-    constexpr int BN = size<1>(BlockShapeMNK{});
-    int const M = get<0>(problem_shape_mnkl);
-    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
-    int const m0 = int(m_coord) * BM;
-    int const n0 = int(n_coord) * BN;
-    Tensor cD = make_identity_tensor(make_shape(Int<BM>{}, Int<BN>{}));  // tile-local (m, n)
-    Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);  // like the accumulators
-    static_assert(decltype(size<0>(accumulators))::value % 16 == 0, "MMA atom N must be a multiple of 32");
-    constexpr int kMma = decltype(size<0>(accumulators))::value;  // 4 per 8-column chunk
-    cutlass::epilogue::thread::GELU<float> gelu;
-    CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < size<1>(accumulators); ++mm) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int nn = 0; nn < size<2>(accumulators); ++nn) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {  // rows r and r + 8
-          CUTLASS_PRAGMA_UNROLL
-          for (int G = 0; G < kMma / 16; ++G) {  // groups of 4 chunks = 32 columns
-            int const v0 = 2 * h + 16 * G;
-            auto const first = tCcD(v0, mm, nn);
-            int const m = m0 + get<0>(first);
-            int const n = n0 + get<1>(first);  // = 32 * group + 2q
-            cutlass::Array<Half, 4> out;
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < 4; ++c) {
-              int const v = v0 + 4 * c;
-              float const a = accumulators(v, mm, nn) + float(params.bias[n + 8 * c]);
-              float const g = accumulators(v + 1, mm, nn) + float(params.bias[n + 8 * c + 1]);
-              out[c] = Half(a * gelu(g));
-            }
-            if (m < M) {
-              int64_t const col = (n / 32) * 16 + 4 * ((n % 8) / 2);
-              *reinterpret_cast<cutlass::Array<Half, 4>*>(params.out + m * params.ld_out + col) = out;
-            }
-          }
-        }
-      }
-    }
-  }
-
- private:
-  Params params;
-};
-
-template <class TileShape, class ClusterShape, class MainloopSchedule>
-struct FusedKernel {
-  using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GegluEpilogue>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Half, cutlass::layout::RowMajor, kAlign, Half,
-      cutlass::layout::ColumnMajor, kAlign, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAuto, MainloopSchedule>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-
-  // x: M x K; w: 2N x K interleaved; bias: 2N interleaved; out: M x N.
-  static int run(const void* x, const void* w, const void* bias, void* out, int M, int N2, int K, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream) {
-    using StrideA = typename GemmKernel::StrideA;
-    using StrideB = typename GemmKernel::StrideB;
-    typename Gemm::Arguments args{};
-    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-    args.problem_shape = {M, N2, K, 1};
-    args.mainloop.ptr_A = static_cast<Half const*>(x);
-    args.mainloop.dA = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1));
-    args.mainloop.ptr_B = static_cast<Half const*>(w);
-    args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N2, K, 1));
-    args.epilogue.bias = static_cast<Half const*>(bias);
-    args.epilogue.out = static_cast<Half*>(out);
-    args.epilogue.ld_out = N2 / 2;
-    args.hw_info.sm_count = Kernel<TileShape, ClusterShape, Coop, CoopEpi, Auto>::sm_count();
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (Gemm::get_workspace_size(args) > workspace_bytes) return 2;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return 4;
-    return cudaGetLastError() == cudaSuccess ? 0 : 5;
-  }
-};
-
-using Fused0 = FusedKernel<S<128, 256, 64>, S<2, 1, 1>, Coop>;
-using Fused1 = FusedKernel<S<128, 128, 64>, S<2, 1, 1>, Pong>;
-using Fused2 = FusedKernel<S<128, 256, 64>, S<1, 2, 1>, Coop>;
-using Fused3 = FusedKernel<S<128, 128, 64>, S<1, 2, 1>, Pong>;
-constexpr int kFusedConfigs = 4;
-
 }  // namespace
 
 extern "C" {
 
 int img2vid_cutlass_configs() { return kConfigs; }
-int img2vid_fused_configs() { return kFusedConfigs; }
-
-// out (M x N) = GEGLU of x (M x K) with the interleaved weight w (2N x K) and bias (2N); as img2vid_geglu_gate_gemm.
-int img2vid_geglu_fused(int config, const void* x, const void* w, const void* bias, void* out, int M, int N2, int K,
-                        void* ws, size_t ws_bytes, void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (config) {
-    case 0:
-      return Fused0::run(x, w, bias, out, M, N2, K, ws, ws_bytes, s);
-    case 1:
-      return Fused1::run(x, w, bias, out, M, N2, K, ws, ws_bytes, s);
-    case 2:
-      return Fused2::run(x, w, bias, out, M, N2, K, ws, ws_bytes, s);
-    case 3:
-      return Fused3::run(x, w, bias, out, M, N2, K, ws, ws_bytes, s);
-    default:
-      return -1;
-  }
-}
 
 // out = a * gelu(x w^T + bias), all fp16 and row-major: x M x K, w N x K (a Linear's weight), bias N, a and out
 // M x N. swizzle: the tile scheduler's swizzle (1, 2, 4, 8); raster: 0 heuristic, 1 along M, 2 along N.

@@ -150,8 +150,7 @@ def enable(device: torch.device, dtype: torch.dtype) -> str:
             lib = ctypes.CDLL(str(build()))
             p, i, z = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
             lib.img2vid_geglu_gate_gemm.argtypes = [i, p, p, p, p, p, i, i, i, i, i, p, z, p]
-            lib.img2vid_geglu_fused.argtypes = [i, p, p, p, p, i, i, i, p, z, p]
-            lib.img2vid_geglu_gate_gemm.restype = lib.img2vid_geglu_fused.restype = i
+            lib.img2vid_geglu_gate_gemm.restype = i
             _lib = lib
         except (RuntimeError, OSError) as e:
             reason = f"build failed: {e}"
@@ -197,29 +196,6 @@ def launch(config: int, x, w, b, a, out, swizzle: int = 1, raster: int = 0) -> i
         ptrs = (x.data_ptr(), w.data_ptr(), b.data_ptr(), a.data_ptr(), out.data_ptr())
         return _lib.img2vid_geglu_gate_gemm(
             config, *ptrs, M, w.shape[0], K, swizzle, raster, ws.data_ptr(), WORKSPACE_BYTES, stream
-        )
-
-
-def interleave_index(rows: int) -> torch.Tensor:
-    """The row order of the fused kernel's weight (gate_gemm.cu, GegluEpilogue): row 32G + 8c + 2q + p of the
-    interleaved weight is row p * N + 16G + 4q + c of the Linear's [W_a; W_g] (N = rows / 2, a multiple of 16)."""
-    r = torch.arange(rows)
-    group, local = r // 32, r % 32
-    c, q, p = local // 8, (local % 8) // 2, local % 2
-    return p * (rows // 2) + 16 * group + 4 * q + c
-
-
-def launch_fused(config: int, x, w_interleaved, b_interleaved, out) -> int:
-    """out (M, N) = GEGLU of x (M, K) in one kernel, with the weight and bias in interleave_index's order."""
-    M, K = x.shape
-    ws = _workspace.get(x.device.index)
-    if ws is None:
-        ws = _workspace[x.device.index] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=x.device)
-    with torch.cuda.device(x.device):
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        ptrs = (x.data_ptr(), w_interleaved.data_ptr(), b_interleaved.data_ptr(), out.data_ptr())
-        return _lib.img2vid_geglu_fused(
-            config, *ptrs, M, w_interleaved.shape[0], K, ws.data_ptr(), WORKSPACE_BYTES, stream
         )
 
 
