@@ -3,13 +3,14 @@
 GEGLU(x) = a * gelu(g), [a, g] = x W^T + b. The plain path is one GEMM writing the 8C-wide [a, g] and a pointwise
 kernel reading it back. Here a = x W_a^T + b_a (cuBLAS) and one CUTLASS kernel computes a * gelu(x W_g^T + b_g),
 reading a in its epilogue; W_a, W_g, b_a, b_g are row slices of the Linear's own weight and bias (no copies).
-On an H100 this made the compiled SVD-XT UNet call 2.3-2.9% faster (benchmarks/RESULTS.md, runs 37-38); its
-results differ from the plain path's by rounding only (g is not rounded to fp16 before the gelu).
+On an H100 this made the compiled SVD-XT UNet call 2.2-2.9% faster and a whole generation 2.6% faster
+(benchmarks/RESULTS.md, runs 37-40); its results differ from the plain path's by rounding only (g is not
+rounded to fp16 before the gelu).
 
-The kernel is compiled once per machine with nvcc (CUDA 12.4 or newer; built and run here with 13.0) against CUTLASS's headers (the pip package
-`nvidia-cutlass`, or $CUTLASS_DIR), into ~/.cache/img2vid/kernels, the first time a pipeline is set up on a
-Hopper GPU in fp16: one nvcc process, about a minute. Without nvcc or CUTLASS, or with IMG2VID_GATE_GEMM=0, the plain
-path runs; `img2vid doctor` says which and why.
+The kernel is compiled once per machine with nvcc against CUTLASS's headers (the pip package `nvidia-cutlass`,
+or $CUTLASS_DIR), into ~/.cache/img2vid/kernels, the first time a pipeline is set up on a Hopper GPU in fp16:
+one nvcc process, 2-3 minutes on two cores (built and run here with nvcc 13.0 and CUTLASS 4.2). Without nvcc
+or CUTLASS, or with IMG2VID_GATE_GEMM=0, the plain path runs; `img2vid doctor` says which and why.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def build() -> Path:
         raise RuntimeError(NO_NVCC if nvcc is None else NO_CUTLASS)
     target = library_path(nvcc)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("building the fused GEGLU kernel for Hopper with %s (once per machine, about a minute)", nvcc)
+    log.warning("building the fused GEGLU kernel for Hopper with %s (once per machine, a few minutes)", nvcc)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         run = subprocess.run(compile_command(nvcc, cutlass, out), capture_output=True, text=True)
