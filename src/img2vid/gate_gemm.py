@@ -138,10 +138,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def enable(device: torch.device, dtype: torch.dtype) -> str:
     """Use the kernel in GEGLU from now on if it can run on this device and dtype (building it the first time).
-    Returns what was decided, for logs and `img2vid doctor`. Once on, it stays on for the whole process (unless
-    IMG2VID_GATE_GEMM=0 is set before a later call): GEGLU
-    still checks each input (`applies`), so CPU, fp32 and bf16 pipelines beside it keep the plain path (the
-    process's CUDA devices are taken to be alike)."""
+    Returns what was decided, for logs and `img2vid doctor`. Once on, it stays on for the whole process, unless
+    IMG2VID_GATE_GEMM=0 is set before a later call. GEGLU still checks each input (`applies`), so CPU, fp32 and
+    bf16 pipelines beside it keep the plain path (the process's CUDA devices are taken to be alike)."""
     global _enabled, _lib
     reason = unavailable_reason(device, dtype)
     if os.environ.get(SWITCH, "1") == "0":
@@ -171,12 +170,14 @@ def status(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether GEGLU should take the fused path for this input (enabled, fp16 CUDA, 16-byte aligned widths)."""
+    """Whether GEGLU should take the fused path for this input: enabled, fp16 on CUDA, a row-major weight, and
+    widths that keep every row and both weight halves 16-byte aligned."""
     return (
         _enabled
         and x.is_cuda
         and x.dtype == torch.float16
         and weight.dtype == torch.float16
+        and weight.is_contiguous()
         and x.shape[-1] % 8 == 0
         and weight.shape[0] % 16 == 0
     )
