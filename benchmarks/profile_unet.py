@@ -6,9 +6,9 @@ Random weights at full size: timing does not depend on the values. Prints second
 2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
 weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
-geglu_triton.py experiment), tma (its persistent TMA kernel), cutlass (GEGLU's gate in a CUTLASS GEMM epilogue,
-img2vid/gate_gemm.py: the pipeline's default on Hopper since run 39; every other variant runs without it), max (Inductor's GEMM autotuning), cd
-(coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
+geglu_triton.py experiment), tma (its persistent TMA kernel), cutlass (GEGLU's gate in a CUTLASS GEMM
+epilogue, img2vid/gate_gemm.py, which the pipeline uses on Hopper; every other variant runs without it), max
+(Inductor's GEMM autotuning), cd (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
 skip connections instead of layers.cat_channels), halves (the two guidance halves one after the other, batch
