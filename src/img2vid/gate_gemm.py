@@ -16,6 +16,7 @@ or CUTLASS, or with IMG2VID_GATE_GEMM=0, the plain path runs; `img2vid doctor` s
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -81,11 +82,16 @@ def _digest(data: bytes, n: int) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
+@functools.lru_cache
+def _compiler_digest(nvcc: str) -> str:
+    """Hash of `nvcc --version`, asked once per process: every pipeline setup on CUDA looks the kernel up."""
+    return _digest(subprocess.run([nvcc, "--version"], capture_output=True).stdout, 8)
+
+
 def library_path(nvcc: str) -> Path:
     """Where the kernel built by this nvcc lives: named by hashes of the source and of `nvcc --version`, so an
     edited source or another compiler builds anew."""
-    version = subprocess.run([nvcc, "--version"], capture_output=True).stdout
-    return cache_dir() / f"gate_gemm-{_digest(SOURCE.read_bytes(), 16)}-{_digest(version, 8)}.so"
+    return cache_dir() / f"gate_gemm-{_digest(SOURCE.read_bytes(), 16)}-{_compiler_digest(nvcc)}.so"
 
 
 def built_library() -> Path | None:
