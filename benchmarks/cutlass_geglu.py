@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from geglu_triton import geglu_reference  # noqa: E402
 from profile_unet import bench  # noqa: E402  (median of CUDA-event timings)
 
 from img2vid import gate_gemm  # noqa: E402
@@ -32,11 +33,6 @@ SCHEDULES = [(swizzle, raster) for swizzle in (1, 2, 4, 8) for raster in (0, 1, 
 
 def ms(fn) -> float:
     return 1000 * bench(fn, n=20, warmup=3)
-
-
-def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    a, g = F.linear(x, weight, bias).chunk(2, dim=-1)
-    return a * F.gelu(g)
 
 
 def level(M: int, C: int, unfused) -> dict:
