@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import gate_gemm
+from .. import frame_attention, gate_gemm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -124,6 +124,13 @@ class Attention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
         out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+    def across_frames(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Self-attention over the frames of each pixel, for x: (B*T, S, C) stored frame by frame (video b's
+        frame t is row b*T+t), with the frame attention kernel (frame_attention.applies must hold). The result
+        is in the same order."""
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        return self.to_out(frame_attention.frame_attention(F.linear(x, w), self.heads, num_frames))
 
 
 def cross_attend(attn: Attention, norm: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

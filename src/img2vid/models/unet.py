@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import frame_attention
 from ..config import UNetConfig
 from .layers import (
     Attention,
@@ -106,15 +107,26 @@ class TemporalTransformerBlock(nn.Module):
         self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: (B*T, S, C) tokens of each frame; context: (B, M, D), one per video."""
+        """x: (B*T, S, C) tokens of each frame; context: (B, M, D), one per video.
+
+        The reference transposes x to (B*S, T, C) sequences, one per pixel, and back. Only the self-attention
+        reads across frames, and every other step acts on each token alone, so with the frame attention kernel
+        (img2vid/frame_attention.py; CUDA, half precision) x stays in frame order with no transposes: 0.45% of
+        an SVD-XT UNet call on an H100 (benchmarks/RESULTS.md, run 46). Without it the transposes stay: the
+        plain attention needs the sequences, and copying them just around it was 1.7% slower (run 45)."""
         BT, S, C = x.shape
-        x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
+        in_place = frame_attention.applies(x, self.attn1.heads, num_frames)
+        if not in_place:
+            x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
         x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x)) + x
-        a = cross_attend(self.attn2, self.norm2, x, context)  # (B*S, T, C), or (B, 1, C) for one token
-        x = (x.unflatten(0, (a.shape[0], -1)) + a[:, None]).flatten(0, 1)
+        h = self.norm1(x)
+        x = (self.attn1.across_frames(h, num_frames) if in_place else self.attn1(h)) + x
+        v = x.reshape(context.shape[0], -1, C)  # the tokens of each video, in either order
+        x = (cross_attend(self.attn2, self.norm2, v, context) + v).view(x.shape)
         x = self.ff(self.norm3(x)) + x
-        return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
+        if not in_place:
+            x = x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
+        return x
 
 
 class SpatialVideoTransformer(nn.Module):
