@@ -11,6 +11,8 @@ Parts:
              seconds, end-to-end seconds, UNet seconds per step, decode seconds, peak memory, TFLOP/s
   fast_plain the same without the fused GEGLU kernel of img2vid/gate_gemm.py (list it before fast)
   gate_ab    fast mode with that kernel off and on in alternation, three generations each, one pipeline
+  frames_ab  the same for the temporal attention kernel of img2vid/frame_attention.py
+  decode_profile  the CUDA kernels and FLOPs of fast mode's decode of 25 frames
   recompile  the same in a second process: the compile cache is reused across processes
   low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
   svd        SVD (14 frames, 25 steps, cfg 1.0->2.5) in fast mode
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -41,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from img2vid import checkpoint, gate_gemm  # noqa: E402
+from img2vid import checkpoint, frame_attention, gate_gemm  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import build, init_random  # noqa: E402
 from img2vid.pipeline import Pipeline  # noqa: E402
@@ -200,7 +203,9 @@ def compiled_vs_eager(pipe: Pipeline, frames: int) -> dict:
 
 def part_fast(a, res):
     pipe = fast_pipeline()
-    r = {"fused_geglu": pipe.fused_geglu} | measure(pipe, 25, a.steps)
+    r = {"fused_geglu": pipe.fused_geglu, "frame_attention": pipe.frame_attention} | measure(
+        pipe, 25, a.steps
+    )
     r.update(compiled_vs_eager(pipe, 25))
     r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
     res["fast"] = r
@@ -218,37 +223,89 @@ def part_fast_plain(a, res):
         del os.environ[gate_gemm.SWITCH]
 
 
-def part_gate_ab(a, res):
-    """The fused GEGLU kernel off and on in alternation, three times each, on one fast pipeline (Dynamo keeps
-    the compiled graphs of both), so that a long call's clock drift falls on both alike. Counts the kernel's
-    calls in each generation to show which path ran."""
+def alternate(a, module, switch, name: str | None = None) -> dict:
+    """A kernel off and on in alternation, three 25-step generations each, on one fast pipeline (Dynamo keeps
+    the compiled graphs of both), so that a long call's clock drift falls on both alike. `switch(on)` turns the
+    kernel on or off and says what `enable` decided. With `name`, calls of module.<name> (called by name at
+    each call, at run time: not for what torch.compile traces) are counted in each generation."""
     pipe, img = fast_pipeline(), image()
     calls = [0]
-    kernel = gate_gemm.gate_gemm
+    kernel = getattr(module, name) if name else None
 
     def counted(*args):
         calls[0] += 1
         return kernel(*args)
 
-    gate_gemm.gate_gemm = counted  # what the op calls (by name, at each call)
-    r: dict = {"off": [], "on": [], "kernel_calls_per_generation": {}}
+    if name:
+        setattr(module, name, counted)
+    r: dict = {"off": [], "on": [], "status": {}, "kernel_calls_per_generation": {}}
     try:
         for _ in range(3):
             for state in ("off", "on"):
-                os.environ[gate_gemm.SWITCH] = "0" if state == "off" else "1"
-                gate_gemm.enable(DEV, torch.float16)
+                r["status"][state] = switch(state == "on")
                 pipe.generate(img, num_frames=25, num_steps=2, seed=1)  # compiles, the first time
                 calls[0] = 0
                 t = sync_time()
                 pipe.generate(img, num_frames=25, num_steps=a.steps, seed=1)
                 r[state].append(sync_time() - t)
-                r["kernel_calls_per_generation"][state] = calls[0]
+                if name:
+                    r["kernel_calls_per_generation"][state] = calls[0]
     finally:
-        gate_gemm.gate_gemm = kernel
-        os.environ.pop(gate_gemm.SWITCH, None)
-        gate_gemm.enable(DEV, torch.float16)
+        if name:
+            setattr(module, name, kernel)
+        switch(True)
     r["mean_on_over_off"] = float(np.mean(r["on"]) / np.mean(r["off"]))
-    res["gate_ab"] = r
+    return r
+
+
+def switched(module, on: bool) -> str:
+    """Turn a kernel module's use on or off through its environment switch and `enable`; what it decided."""
+    os.environ[module.SWITCH] = "1" if on else "0"
+    status = module.enable(DEV, torch.float16)
+    os.environ.pop(module.SWITCH)
+    return status
+
+
+def part_gate_ab(a, res):
+    """The fused GEGLU kernel (img2vid/gate_gemm.py) off and on in alternation."""
+    res["gate_ab"] = alternate(a, gate_gemm, lambda on: switched(gate_gemm, on), name="gate_gemm")
+
+
+def part_frames_ab(a, res):
+    """The temporal attention kernel (img2vid/frame_attention.py) off, with the temporal layers on transposed
+    sequences as before it, and on, with them in frame order, in alternation."""
+    res["frames_ab"] = alternate(a, frame_attention, lambda on: switched(frame_attention, on))
+
+
+def part_decode_profile(a, res):
+    """Where fast mode's decode of 25 frames (chunks of 14 and 11, compiled) spends its time: the CUDA kernels
+    of one decode, and the decoder's FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe = fast_pipeline()
+    lat = torch.randn(25, 4, H // 8, W // 8, device=DEV)
+    chunk = pipe.default_decode_chunk()
+    pipe.decode(lat, chunk)  # compiles, the first time
+    t = sync_time()
+    pipe.decode(lat, chunk)
+    r = {"decode_s": sync_time() - t}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.decode(lat, chunk)
+        torch.cuda.synchronize()
+    rows = sorted(
+        ((getattr(e, "device_time_total", 0) / 1e3, e.count, e.key) for e in prof.key_averages()),
+        reverse=True,
+    )
+    r["kernel_ms_total"] = sum(row[0] for row in rows)
+    r["top_kernels"] = rows[:40]
+    with uncompiled(pipe), FlopCounterMode(display=False) as fc:
+        pipe.decode(lat[:chunk], chunk)
+    r["TFLOP_per_decode"] = fc.get_total_flops() / 1e12 * len(lat) / chunk
+    r["TFLOPs"] = r["TFLOP_per_decode"] / r["decode_s"]
+    res["decode_profile"] = r
+    for row in rows[:25]:
+        print(f"{row[0]:9.2f} ms {row[1]:5d}  {row[2][:110]}", flush=True)
 
 
 def part_recompile(a, res):
@@ -449,6 +506,8 @@ PARTS = {
     "fast": part_fast,
     "fast_plain": part_fast_plain,
     "gate_ab": part_gate_ab,
+    "frames_ab": part_frames_ab,
+    "decode_profile": part_decode_profile,
     "recompile": part_recompile,
     "low": part_low,
     "svd": part_svd,
@@ -499,6 +558,10 @@ def main():
             res[part] = {"error": f"{type(e).__name__}: {e}"}
         res.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t, 1)
         print(json.dumps({part: res.get(part) or res.get("svd_fast")}, default=str), flush=True)
+        # A dropped pipeline whose blocks were compiled one by one is a reference cycle (each block holds its
+        # compiled forward, which holds the block): without a collection its weights stayed on the GPU into the
+        # next part (run 48: the diffusers part's UNet, 2.9 GiB, counted in fast mode's peak).
+        gc.collect()
         torch.cuda.empty_cache()
         Path(a.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
     if "fast" in res and "diffusers" in res and "e2e_s" in res.get("diffusers", {}):

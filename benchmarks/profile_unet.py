@@ -5,9 +5,12 @@
 Random weights at full size: timing does not depend on the values. Prints seconds per UNet call (CFG batch
 2 x 25 frames, 576x1024) and, with --profile, the top CUDA kernels of each compiled variant (kernels_*.json).
 A variant is "eager", "channels_last" or "compile" followed by options joined with "_": cl (channels-last
-weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead"), geglu (the
+weights and input, as the pipeline runs half precision), cg (CUDA graphs, mode="reduce-overhead", for each region with regions), geglu (the
 geglu_triton.py experiment), tma (its persistent TMA kernel), cutlass (GEGLU's gate in a CUTLASS GEMM
-epilogue, img2vid/gate_gemm.py, which the pipeline uses on Hopper; every other variant runs without it), max
+epilogue, img2vid/gate_gemm.py, which the pipeline uses on Hopper; every other variant runs without it), frames
+(the temporal layers' attention kernel, img2vid/frame_attention.py, which the pipeline uses on CUDA; without
+it the temporal layers take the plain path), seqs (the temporal layers on transposed (B*S, T, C) sequences, as
+before that kernel), max
 (Inductor's GEMM autotuning), cd (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
@@ -34,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import img2vid.models.unet as unet_module  # noqa: E402
-from img2vid import gate_gemm  # noqa: E402
+from img2vid import frame_attention, gate_gemm  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
-from img2vid.models.layers import GEGLU, Attention, GroupNorm, attention  # noqa: E402
+from img2vid.models.layers import GEGLU, Attention, GroupNorm, attention, cross_attend  # noqa: E402
 from img2vid.runtime import compile_network, uncompile_network, use_channels_last  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,6 +74,21 @@ def _qkv3_attention_forward(self, x, context=None):  # option "qkv3": separate q
     B, N, C = q.shape
     q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
     return self.to_out(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+_TEMPORAL_FORWARD = unet_module.TemporalTransformerBlock.forward
+
+
+def _sequences_temporal_forward(self, x, context, num_frames):  # option "seqs": the layout before run 45
+    """The temporal block as the reference runs it: tokens transposed to (B*S, T, C) sequences and back."""
+    BT, S, C = x.shape
+    x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)
+    x = self.ff_in(self.norm_in(x)) + x
+    x = self.attn1(self.norm1(x)) + x
+    a = cross_attend(self.attn2, self.norm2, x, context)
+    x = (x.unflatten(0, (a.shape[0], -1)) + a[:, None]).flatten(0, 1)
+    x = self.ff(self.norm3(x)) + x
+    return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
 
 
 # Options that set Inductor configuration flags (run 35): name -> {config path: value}.
@@ -157,6 +175,7 @@ def main():
     inductor_defaults: dict = {}
     for v in a.variants.split(","):
         opts = v.split("_")
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         inp = x
         m = unet
@@ -173,6 +192,13 @@ def main():
         # with option "cutlass", so that the other variants time the plain path.
         os.environ[gate_gemm.SWITCH] = "1" if "cutlass" in opts else "0"
         print("fused GEGLU kernel:", gate_gemm.enable(dev, dt), flush=True)
+        # Likewise the temporal attention kernel (img2vid.frame_attention) only with option "frames"; option
+        # "seqs" runs the temporal layers on transposed (B*S, T, C) sequences, as before it.
+        os.environ[frame_attention.SWITCH] = "1" if "frames" in opts else "0"
+        print("temporal attention kernel:", frame_attention.enable(dev, dt), flush=True)
+        unet_module.TemporalTransformerBlock.forward = (
+            _sequences_temporal_forward if "seqs" in opts else _TEMPORAL_FORWARD
+        )
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one
@@ -189,7 +215,7 @@ def main():
                 cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
             mode = "reduce-overhead" if "cg" in opts else None
             if "regions" in opts:
-                m = compile_network(unet, "regions")
+                m = compile_network(unet, "regions", mode=mode)
             else:
                 m = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
             out = call(m, inp, split)
@@ -201,6 +227,7 @@ def main():
             ref = out
         results[f"{v}_s"] = s
         results[f"{v}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        results[f"{v}_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
         results[f"{v}_rel_err_vs_first"] = ((out - ref).norm() / ref.norm()).item()
         print(json.dumps({k: v_ for k, v_ in results.items() if k.startswith(v)}), flush=True)
         if a.profile and opts[0] == "compile":
