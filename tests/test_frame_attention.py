@@ -88,7 +88,7 @@ def test_applies_only_to_what_the_kernel_handles(monkeypatch):
     assert not frame_attention.applies(x, 2, 5)  # on the CPU: the plain path
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert frame_attention.applies(x, 2, 5)
-    assert frame_attention.applies(x.bfloat16(), 2, 5)
+    assert not frame_attention.applies(x.bfloat16(), 2, 5)  # measured and tested in fp16 only
     assert frame_attention.applies(x, 8, 5)  # heads of 16
     assert not frame_attention.applies(x.float(), 2, 5)
     assert not frame_attention.applies(x, 2, frame_attention.MAX_FRAMES + 1)

@@ -12,11 +12,15 @@ and masked, a softmax in fp32, and the weighted sum of v with the probabilities 
 precision for the matrix product (as FlashAttention and PyTorch's memory-efficient kernel do), divided by the
 softmax's sum in fp32. Same result as scaled_dot_product_attention up to float rounding.
 
-It runs on CUDA GPUs of compute capability 8.0 or more in fp16 or bf16, for at most MAX_FRAMES frames and
-heads of 16 to 128 channels (a power of two), when Triton and torch.library.triton_op (PyTorch 2.6) are
-there and `enable` has been called (Pipeline.setup does, on CUDA); otherwise the plain path runs.
-IMG2VID_FRAME_ATTENTION=0 turns it off. It is a torch.library.triton_op, so torch.compile sees the kernel and
-schedules it with the rest of the graph.
+On an H100 it took 0.43 ms where PyTorch's memory-efficient kernel took 0.99 on the transposed sequences (the
+first SVD-XT level, 2.75 TB/s), and made a whole generation 1.2% faster (benchmarks/RESULTS.md, runs 45-48).
+
+It runs in fp16 (the pipeline's default on CUDA; bf16 keeps the plain path, as it was not measured) on CUDA GPUs
+of compute capability 8.0 or more (only Hopper was measured), for at most MAX_FRAMES frames and heads of 16 to
+128 channels (a power of two), when Triton and torch.library.triton_op (PyTorch 2.6) are there and `enable` has
+been called (Pipeline.setup does, on CUDA); otherwise the plain path runs. IMG2VID_FRAME_ATTENTION=0 turns it
+off. It is a torch.library.triton_op, so torch.compile sees the kernel and schedules it with the rest of the
+graph.
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return "needs a CUDA device"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "needs compute capability 8.0 or more"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "needs float16 or bfloat16"
+    if dtype != torch.float16:
+        return "needs float16"
     return None
 
 
@@ -70,12 +74,12 @@ def enable(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def applies(x: torch.Tensor, heads: int, frames: int) -> bool:
-    """Whether a temporal layer's self-attention over x, (B*T, S, C) in half precision on CUDA, takes the kernel."""
+    """Whether a temporal layer's self-attention over x, (B*T, S, C) in fp16 on CUDA, takes the kernel."""
     d = x.shape[-1] // heads
     return (
         _enabled
         and x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == torch.float16
         and frames <= MAX_FRAMES
         and d * heads == x.shape[-1]
         and 16 <= d <= 128

@@ -78,7 +78,7 @@ class Pipeline:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
             self.fused_geglu = gate_gemm.enable(self.device, self.dtype)  # fp16 on Hopper; see gate_gemm.py
-            self.frame_attention = frame_attention.enable(self.device, self.dtype)  # Triton, half precision
+            self.frame_attention = frame_attention.enable(self.device, self.dtype)  # Triton, fp16
         if self.offloading:
             runtime.use_expandable_segments()
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.

@@ -111,7 +111,7 @@ class TemporalTransformerBlock(nn.Module):
 
         The reference transposes x to (B*S, T, C) sequences, one per pixel, and back. Only the self-attention
         reads across frames, and every other step acts on each token alone, so with the frame attention kernel
-        (img2vid/frame_attention.py; CUDA, half precision) x stays in frame order with no transposes: on an
+        (img2vid/frame_attention.py; CUDA, fp16) x stays in frame order with no transposes: on an
         H100, 0.45% off an SVD-XT UNet call and 1.2% off a whole generation (benchmarks/RESULTS.md, runs 46
         and 48). Without it the transposes stay: the plain attention needs the sequences, and copying them just
         around it made the call 1.7% slower (run 45)."""
