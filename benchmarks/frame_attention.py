@@ -49,7 +49,8 @@ def launch(qkv, heads, T, warps):
     C = C3 // 3
     out = qkv.new_empty(BT, S, C)
     d = C // heads
-    fa._frame_attention_kernel[(BT // T * S, heads)](
+    fa.build()
+    fa._kernel[(BT // T * S, heads)](
         qkv,
         out,
         S,

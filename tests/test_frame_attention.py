@@ -75,9 +75,9 @@ def test_unavailable_reasons(monkeypatch):
     assert frame_attention.unavailable_reason(cpu, torch.float16) == "IMG2VID_FRAME_ATTENTION=0"
     assert frame_attention.enable(cpu, torch.float16) == "off: IMG2VID_FRAME_ATTENTION=0"
     monkeypatch.delenv(frame_attention.SWITCH)
-    monkeypatch.setattr(frame_attention, "triton", None)
+    monkeypatch.setattr(frame_attention, "have_triton", lambda: False)
     assert frame_attention.unavailable_reason(cpu, torch.float16) == "needs Triton"
-    monkeypatch.setattr(frame_attention, "triton", object())
+    monkeypatch.setattr(frame_attention, "have_triton", lambda: True)
     assert frame_attention.unavailable_reason(cpu, torch.float16) == "needs a CUDA device"
     assert frame_attention.enable(cpu, torch.float16) == "off: needs a CUDA device"
 

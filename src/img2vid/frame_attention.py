@@ -25,6 +25,7 @@ graph.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -34,19 +35,21 @@ SWITCH = "IMG2VID_FRAME_ATTENTION"  # "0": never use the kernel
 MAX_FRAMES = 64
 
 _enabled = False  # set by `enable`, read by `applies`; torch.compile guards on it
+# The kernel and its op, built on first use: importing Triton and defining a triton_op takes seconds (it imports
+# Inductor), which `import img2vid` should not pay where the kernel never runs.
+_kernel = None
+_op = None
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheels of PyTorch come without Triton
-    triton = None
+
+def have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None  # PyTorch's CPU wheels come without it
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot run on this device and dtype; None if it can."""
     if os.environ.get(SWITCH, "1") == "0":
         return f"{SWITCH}=0"
-    if triton is None:
+    if not have_triton():
         return "needs Triton"
     if not hasattr(torch.library, "triton_op"):
         return "needs PyTorch 2.6 or later"
@@ -69,6 +72,7 @@ def enable(device: torch.device, dtype: torch.dtype) -> str:
     if os.environ.get(SWITCH, "1") == "0":
         _enabled = False
     elif reason is None:
+        build()
         _enabled = True
     return "on" if reason is None else f"off: {reason}"
 
@@ -87,10 +91,23 @@ def applies(x: torch.Tensor, heads: int, frames: int) -> bool:
     )
 
 
-if triton is not None:
+def frame_attention(qkv: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
+    """Attention over the frames of each pixel. qkv: (B*T, S, 3C), the fused projection [q, k, v] of frames
+    stored one after the other (video b's frame t is row b*T+t); returns (B*T, S, C) in the same order."""
+    op = _op if _op is not None else build()
+    return op(qkv, heads, frames)
+
+
+def build():
+    """Define the Triton kernel and the op that launches it (once); returns the op."""
+    global _kernel, _op
+    if _op is not None:
+        return _op
+    import triton
+    import triton.language as tl
 
     @triton.jit
-    def _frame_attention_kernel(
+    def frame_attention_kernel(
         QKV, O, S, T, C, stride_token, stride_out, scale, D: tl.constexpr, BLOCK_T: tl.constexpr
     ):
         seq = tl.program_id(0)  # b * S + s: pixel s of video b
@@ -113,9 +130,7 @@ if triton is not None:
         tl.store(dst, out.to(O.dtype.element_ty), mask=valid[:, None])
 
     @torch.library.triton_op("img2vid::frame_attention", mutates_args=())
-    def frame_attention(qkv: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
-        """Attention over the frames of each pixel. qkv: (B*T, S, 3C), the fused projection [q, k, v] of frames
-        stored one after the other (video b's frame t is row b*T+t); returns (B*T, S, C) in the same order."""
+    def op(qkv: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
         BT, S, C3 = qkv.shape
         C = C3 // 3
         if qkv.stride(-1) != 1 or qkv.stride(0) != S * qkv.stride(1):
@@ -123,8 +138,11 @@ if triton is not None:
         out = qkv.new_empty(BT, S, C)
         d = C // heads
         grid = (BT // frames * S, heads)
-        torch.library.wrap_triton(_frame_attention_kernel)[grid](
+        torch.library.wrap_triton(frame_attention_kernel)[grid](
             qkv, out, S, frames, C, qkv.stride(1), C, 1 / math.sqrt(d),
             D=d, BLOCK_T=max(16, triton.next_power_of_2(frames)), num_warps=4,
         )  # fmt: skip
         return out
+
+    _kernel, _op = frame_attention_kernel, op
+    return op
