@@ -10,7 +10,10 @@ geglu_triton.py experiment), tma (its persistent TMA kernel), cutlass (GEGLU's g
 epilogue, img2vid/gate_gemm.py, which the pipeline uses on Hopper; every other variant runs without it), frames
 (the temporal layers' attention kernel, img2vid/frame_attention.py, which the pipeline uses on CUDA; without
 it the temporal layers take the plain path), seqs (the temporal layers on transposed (B*S, T, C) sequences, as
-before that kernel), max
+before that kernel), pr (img2vid.runtime.use_inductor_heuristics, which the pipeline installs: persistent
+reductions for rows of up to 1024 elements whose reduction hint is DEFAULT, e.g. layer norms fused with
+broadcast adds; without it Inductor's own heuristics; run with TORCHINDUCTOR_FX_GRAPH_CACHE=0, since torch
+2.11's compiled-graph cache does not key on them), max
 (Inductor's GEMM autotuning), cd (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
@@ -37,7 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import img2vid.models.unet as unet_module  # noqa: E402
-from img2vid import frame_attention, gate_gemm  # noqa: E402
+from img2vid import (  # noqa: E402
+    frame_attention,
+    gate_gemm,
+    runtime,  # noqa: E402
+)
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import UNet, init_random  # noqa: E402
 from img2vid.models.layers import GEGLU, Attention, GroupNorm, attention, cross_attend  # noqa: E402
@@ -91,7 +98,7 @@ def _sequences_temporal_forward(self, x, context, num_frames):  # option "seqs":
     return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
 
 
-# Options that set Inductor configuration flags (run 35): name -> {config path: value}.
+# Options that set Inductor configuration flags# Options that set Inductor configuration flags (run 35): name -> {config path: value}.
 INDUCTOR_OPTIONS = {
     "nd": {"triton.prefer_nd_tiling": True, "triton.tile_reductions": True},  # 2-D tiles for transposes
     "af": {"aggressive_fusion": True},  # fuse nodes even without shared reads
@@ -211,6 +218,14 @@ def main():
             cfg_.coordinate_descent_tuning = "cd" in opts
             cfg_.triton.multi_kernel = 1 if "mk" in opts else 0
             _set_inductor_options(opts, inductor_defaults)
+            from torch._inductor.choices import InductorChoices
+            from torch._inductor.virtualized import V
+
+            if "pr" in opts:  # runtime.use_inductor_heuristics, as the pipeline installs them
+                runtime._heuristics.installed = False
+                runtime.use_inductor_heuristics()
+            else:
+                V.set_choices_handler(InductorChoices())
             if hasattr(cfg_, "max_autotune_conv_backends"):
                 cfg_.max_autotune_conv_backends = "ATEN"  # Triton convs lose to cuDNN here; skip tuning them
             mode = "reduce-overhead" if "cg" in opts else None

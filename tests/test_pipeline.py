@@ -368,3 +368,68 @@ def test_setup_switches_compiling_on_and_off(monkeypatch):
         assert pipe.decoder_forward is pipe.vae.decoder
     finally:
         torch._dynamo.reset()
+
+
+def test_inductor_heuristics_make_short_default_reductions_persistent(monkeypatch):
+    """runtime's heuristic: a DEFAULT-hint reduction over at most 1024 elements (the UNet's layer norms fused
+    with broadcast adds) is persistent; everything else is left to Inductor."""
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+
+    from img2vid import runtime
+
+    asked = []
+
+    class Base(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            asked.append(features.hint)
+            return False
+
+    class Features:
+        def __init__(self, hint, numel):
+            self.hint, self.reduction_numel = hint, sympy.Integer(numel)
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    decide = runtime.inductor_choices(Base, ReductionHint).should_use_persistent_reduction
+    D, O = ReductionHint.DEFAULT, ReductionHint.OUTER
+    assert decide(Features(D, 320), False) and decide(Features(D, 1024), False)
+    assert asked == []  # decided without asking Inductor
+    assert not decide(Features(D, 1280), False)  # longer rows: Inductor's choice (here, no)
+    assert not decide(Features(O, 320), False)  # other hints: Inductor's choice
+    assert not decide(Features(D, 320), True)  # cooperative reductions: Inductor's choice
+    assert asked == [D, O, D]
+    monkeypatch.setattr(torch._inductor.config.triton, "persistent_reductions", False)
+    assert not decide(Features(D, 320), False)  # Inductor's switch is respected
+
+
+def test_compiled_pipeline_installs_the_heuristics_in_the_generating_thread(monkeypatch):
+    """Inductor's heuristics are per thread and compiling happens in the thread that first runs the network (a
+    server's worker thread), so generate installs them there."""
+    import threading
+
+    from torch._inductor.virtualized import V
+
+    from img2vid import runtime
+
+    real = runtime.compile_network
+    monkeypatch.setattr(runtime, "compile_network", lambda net, scope: real(net, scope, backend="eager"))
+    pipe = img2vid.load("tiny", device="cpu").setup("fast", compile=True)
+    seen = {}
+
+    def work():
+        seen["before"] = type(V.choices).__name__
+        pipe.generate(np.full((256, 256, 3), 128, np.uint8), width=256, height=256, num_frames=2, num_steps=1)
+        seen["after"] = type(V.choices).__name__
+
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    finally:
+        pipe.setup("fast", compile=False)
+        torch._dynamo.reset()
+    assert seen == {"before": "InductorChoices", "after": "Choices"}

@@ -94,6 +94,7 @@ class Pipeline:
             self.unet_forward, self.decoder_forward = self.unet, self.vae.decoder
             if scope:
                 runtime.enable_compile_cache()
+                runtime.use_inductor_heuristics()
                 self.unet_forward = runtime.compile_network(self.unet, scope)
                 # The decoder is always one graph: compiled block by block, a 14-frame decode peaked 2 GiB
                 # higher (RESULTS.md, runs 18-19 against run 20).
@@ -168,6 +169,8 @@ class Pipeline:
         The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
         """
+        if self.compiled:
+            runtime.use_inductor_heuristics()  # per thread: a server's worker thread compiles on first use
         d = self.config.defaults
         if num_steps is None:
             num_steps = d.num_steps if sigmas is None else len(sigmas) - 1
@@ -306,6 +309,8 @@ class Pipeline:
 
         The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
+        if self.compiled:
+            runtime.use_inductor_heuristics()
         low = self.offloading
         if low:  # the UNet's weights make room for the decoder's full-resolution activations
             runtime.offload(self.unet)
