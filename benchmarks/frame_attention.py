@@ -27,21 +27,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from img2vid import frame_attention as fa  # noqa: E402
+from img2vid import gate_gemm  # noqa: E402
 from img2vid.models.layers import attention  # noqa: E402
 
 LEVELS = [(9216, 320, 5), (2304, 640, 10), (576, 1280, 20), (144, 1280, 20)]  # pixels, channels, heads
 
 
-def time_ms(fn, n=20):
-    for _ in range(3):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / n
+def time_ms(fn):
+    return gate_gemm.time_ms(fn, n=20, warmup=3)
 
 
 def launch(qkv, heads, T, warps):

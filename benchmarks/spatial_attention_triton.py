@@ -16,12 +16,17 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from img2vid import gate_gemm  # noqa: E402
 
 LEVELS = [(9216, 320, 5), (2304, 640, 10)]  # tokens per frame, channels, heads
 
@@ -87,16 +92,8 @@ def triton_attention(q, k, v, block_m, block_n, warps, stages):
     return out
 
 
-def time_ms(fn, n=10):
-    for _ in range(2):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / n
+def time_ms(fn):
+    return gate_gemm.time_ms(fn, n=10, warmup=2)
 
 
 def measure(N: int, C: int, heads: int, dev) -> dict:

@@ -207,8 +207,10 @@ def launch(config: int, x, w, b, a, out, swizzle: int = 1, raster: int = 0) -> i
         )
 
 
-def time_ms(fn, n: int = 5) -> float:
-    fn()
+def time_ms(fn, n: int = 5, warmup: int = 1) -> float:
+    """Mean milliseconds of `n` calls of fn on the current CUDA stream, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):

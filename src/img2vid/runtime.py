@@ -127,8 +127,9 @@ def use_inductor_heuristics() -> None:
 
     Inductor keeps its heuristics per thread and compiles in the thread that first calls a compiled function,
     so Pipeline.setup and the pipeline's entry points (generate, decode) call this. They change only how fast the
-    generated kernels are, in any code this thread compiles; img2vid keeps its compiled graphs in a cache of its
-    own (enable_compile_cache), all compiled with them."""
+    generated kernels are, in any code this thread compiles. PyTorch 2.11's compile cache does not key on them,
+    so a graph cached before they were installed is reused as it was; img2vid's own cache directory
+    (enable_compile_cache) holds graphs compiled by its pipelines, which install them first."""
     if getattr(_heuristics, "installed", False):
         return
     try:
