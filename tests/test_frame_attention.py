@@ -82,6 +82,19 @@ def test_unavailable_reasons(monkeypatch):
     assert frame_attention.enable(cpu, torch.float16) == "off: needs a CUDA device"
 
 
+def test_a_failing_triton_leaves_the_plain_path(monkeypatch, caplog):
+    def broken():
+        raise ImportError("libtriton.so: cannot open shared object file")
+
+    monkeypatch.setattr(frame_attention, "unavailable_reason", lambda device, dtype: None)
+    monkeypatch.setattr(frame_attention, "build", broken)
+    monkeypatch.setattr(frame_attention, "_enabled", False)
+    status = frame_attention.enable(torch.device("cuda"), torch.float16)
+    assert status.startswith("off: Triton failed: ImportError: libtriton.so")
+    assert not frame_attention._enabled
+    assert "temporal attention kernel not used" in caplog.text
+
+
 def test_applies_only_to_what_the_kernel_handles(monkeypatch):
     x = torch.empty(10, 6, 128, dtype=torch.float16)  # 2 heads of 64
     monkeypatch.setattr(frame_attention, "_enabled", True)

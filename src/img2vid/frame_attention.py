@@ -26,10 +26,13 @@ graph.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 
 import torch
+
+log = logging.getLogger("img2vid")
 
 SWITCH = "IMG2VID_FRAME_ATTENTION"  # "0": never use the kernel
 MAX_FRAMES = 64
@@ -72,8 +75,12 @@ def enable(device: torch.device, dtype: torch.dtype) -> str:
     if os.environ.get(SWITCH, "1") == "0":
         _enabled = False
     elif reason is None:
-        build()
-        _enabled = True
+        try:
+            build()
+            _enabled = True
+        except Exception as e:  # a broken Triton install: the plain path, never a failed generation
+            reason = f"Triton failed: {type(e).__name__}: {e}"
+            log.warning("temporal attention kernel not used: %s", reason)
     return "on" if reason is None else f"off: {reason}"
 
 
