@@ -12,6 +12,7 @@ Parts:
   fast_plain the same without the fused GEGLU kernel of img2vid/gate_gemm.py (list it before fast)
   gate_ab    fast mode with that kernel off and on in alternation, three generations each, one pipeline
   frames_ab  the same for the temporal attention kernel of img2vid/frame_attention.py
+  fa4_ab     the same for FlashAttention-4 in the spatial layers (img2vid/flash_attention.py; needs flash-attn-4)
   decode_profile  the CUDA kernels and FLOPs of fast mode's decode of 25 frames
   recompile  the same in a second process: the compile cache is reused across processes
   low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
@@ -44,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from img2vid import checkpoint, frame_attention, gate_gemm  # noqa: E402
+from img2vid import checkpoint, flash_attention, frame_attention, gate_gemm  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import build, init_random  # noqa: E402
 from img2vid.pipeline import Pipeline  # noqa: E402
@@ -203,9 +204,8 @@ def compiled_vs_eager(pipe: Pipeline, frames: int) -> dict:
 
 def part_fast(a, res):
     pipe = fast_pipeline()
-    r = {"fused_geglu": pipe.fused_geglu, "frame_attention": pipe.frame_attention} | measure(
-        pipe, 25, a.steps
-    )
+    kernels = {k: getattr(pipe, k) for k in ("fused_geglu", "frame_attention", "flash_attention")}
+    r = kernels | measure(pipe, 25, a.steps)
     r.update(compiled_vs_eager(pipe, 25))
     r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
     res["fast"] = r
@@ -275,6 +275,12 @@ def part_frames_ab(a, res):
     """The temporal attention kernel (img2vid/frame_attention.py) off, with the temporal layers on transposed
     sequences as before it, and on, with them in frame order, in alternation."""
     res["frames_ab"] = alternate(a, frame_attention, lambda on: switched(frame_attention, on))
+
+
+def part_fa4_ab(a, res):
+    """FlashAttention-4 for the spatial self-attention (img2vid/flash_attention.py) off, with cuDNN's kernel
+    through scaled_dot_product_attention, and on, in alternation."""
+    res["fa4_ab"] = alternate(a, flash_attention, lambda on: switched(flash_attention, on))
 
 
 def part_decode_profile(a, res):

@@ -13,7 +13,9 @@ it the temporal layers take the plain path), seqs (the temporal layers on transp
 before that kernel), pr (img2vid.runtime.use_inductor_heuristics, which the pipeline installs: persistent
 reductions for rows of up to 1024 elements whose reduction hint is DEFAULT, e.g. layer norms fused with
 broadcast adds; without it Inductor's own heuristics; run with TORCHINDUCTOR_FX_GRAPH_CACHE=0, since torch
-2.11's compiled-graph cache does not key on them), max
+2.11's compiled-graph cache does not key on them), pr2k (with pr: up to 2048 elements, the 1280-channel layer
+norms too), fa4 (FlashAttention-4 for the spatial self-attention, img2vid/flash_attention.py, which the
+pipeline uses where the package is installed), max
 (Inductor's GEMM autotuning), cd (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import img2vid.models.unet as unet_module  # noqa: E402
 from img2vid import (  # noqa: E402
+    flash_attention,
     frame_attention,
     gate_gemm,
     runtime,  # noqa: E402
@@ -206,6 +209,10 @@ def main():
         unet_module.TemporalTransformerBlock.forward = (
             _sequences_temporal_forward if "seqs" in opts else _TEMPORAL_FORWARD
         )
+        # FlashAttention-4 for the spatial self-attention (img2vid.flash_attention) only with option "fa4".
+        os.environ[flash_attention.SWITCH] = "1" if "fa4" in opts else "0"
+        print("FlashAttention-4:", flash_attention.enable(dev, dt), flush=True)
+        runtime.PERSISTENT_ROWS = 2048 if "pr2k" in opts else 1024
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one

@@ -796,11 +796,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         dtype = str(default_dtype(device)).removeprefix("torch.")
         out.append(("  default device", f"{device}, {dtype}"))
         out.append(("  memory mode (auto)", f"{mode} ({why})"))
-        from . import frame_attention, gate_gemm
+        from . import flash_attention, frame_attention, gate_gemm
 
         out.append(("  fused GEGLU kernel", gate_gemm.status(device, default_dtype(device))))
-        reason = frame_attention.unavailable_reason(device, default_dtype(device))
-        out.append(("  temporal attention kernel", "on" if reason is None else f"off: {reason}"))
+        for name, module in (
+            ("temporal attention kernel", frame_attention),
+            ("FlashAttention-4", flash_attention),
+        ):
+            reason = module.unavailable_reason(device, default_dtype(device))
+            out.append((f"  {name}", "on" if reason is None else f"off: {reason}"))
         return out
 
     def _video():

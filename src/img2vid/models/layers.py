@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import frame_attention, gate_gemm
+from .. import flash_attention, frame_attention, gate_gemm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -115,7 +115,10 @@ class Attention(nn.Module):
             return self.to_out(self.to_v(context))
         if context is None:  # self-attention: one matrix product for q, k and v (x is read once, not 3 times)
             w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-            q, k, v = F.linear(x, w).chunk(3, dim=-1)
+            qkv = F.linear(x, w)
+            if flash_attention.applies(x, self.heads):  # FlashAttention-4 where installed: flash_attention.py
+                return self.to_out(flash_attention.flash_attention(qkv, self.heads))
+            q, k, v = qkv.chunk(3, dim=-1)
         else:
             if context.shape[0] != x.shape[0]:
                 context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
