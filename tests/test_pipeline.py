@@ -371,7 +371,7 @@ def test_setup_switches_compiling_on_and_off(monkeypatch):
 
 
 def test_inductor_heuristics_make_short_default_reductions_persistent(monkeypatch):
-    """runtime's heuristic: a DEFAULT-hint reduction over at most 1024 elements (the UNet's layer norms fused
+    """runtime's heuristic: a DEFAULT-hint reduction over at most 2048 elements (the UNet's layer norms fused
     with broadcast adds) is persistent; everything else is left to Inductor."""
     import sympy
     from torch._inductor.choices import InductorChoices
@@ -396,9 +396,9 @@ def test_inductor_heuristics_make_short_default_reductions_persistent(monkeypatc
 
     decide = runtime.inductor_choices(Base, ReductionHint).should_use_persistent_reduction
     D, O = ReductionHint.DEFAULT, ReductionHint.OUTER
-    assert decide(Features(D, 320), False) and decide(Features(D, 1024), False)
+    assert decide(Features(D, 320), False) and decide(Features(D, 1280), False)
     assert asked == []  # decided without asking Inductor
-    assert not decide(Features(D, 1280), False)  # longer rows: Inductor's choice (here, no)
+    assert not decide(Features(D, 2560), False)  # longer rows: Inductor's choice (here, no)
     assert not decide(Features(O, 320), False)  # other hints: Inductor's choice
     assert not decide(Features(D, 320), True)  # cooperative reductions: Inductor's choice
     assert asked == [D, O, D]

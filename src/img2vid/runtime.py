@@ -120,10 +120,12 @@ def use_inductor_heuristics() -> None:
     """Install img2vid's Inductor heuristics in this thread (once per thread; a no-op where PyTorch lacks the hook).
 
     One heuristic is changed: a reduction whose hint is DEFAULT (neither INNER nor OUTER, as Inductor reads the
-    UNet's layer norms fused with broadcast residual adds) over at most 1024 elements is compiled as a persistent
-    reduction (one pass, the row held in registers) instead of a looped one; Inductor's own threshold for those
-    is 64. The UNet's layer-norm kernels took 15.3 instead of 21.9 ms of a call and the call 1.0-1.2% less, on an
-    H100 (benchmarks/RESULTS.md, run 53). Summation order only: same results up to float rounding.
+    UNet's layer norms fused with broadcast residual adds) over at most PERSISTENT_ROWS (2048) elements is
+    compiled as a persistent reduction (one pass, the row held in registers) instead of a looped one; Inductor's
+    own threshold for those is 64. On an H100, up to 1024 elements (the 320- and 640-channel norms), the UNet's
+    layer-norm kernels took 15.3 instead of 21.9 ms of a call and the call 1.0-1.2% less (benchmarks/RESULTS.md,
+    run 53); up to 2048 (the 1280-channel ones too) they took 14.3 against 15.4 ms (run 57). Summation order
+    only: same results up to float rounding.
 
     Inductor keeps its heuristics per thread and compiles in the thread that first calls a compiled function,
     so Pipeline.setup and the pipeline's entry points (generate, decode) call this. They change only how fast the
@@ -144,7 +146,7 @@ def use_inductor_heuristics() -> None:
     _heuristics.installed = True
 
 
-PERSISTENT_ROWS = 1024  # the longest DEFAULT-hint reduction made persistent (Inductor: 64)
+PERSISTENT_ROWS = 2048  # the longest DEFAULT-hint reduction made persistent (Inductor: 64)
 
 
 def inductor_choices(base: type, hints) -> type:
