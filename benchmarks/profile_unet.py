@@ -11,18 +11,15 @@ epilogue, img2vid/gate_gemm.py, which the pipeline uses on Hopper; every other v
 (the temporal layers' attention kernel, img2vid/frame_attention.py, which the pipeline uses on CUDA; without
 it the temporal layers take the plain path), seqs (the temporal layers on transposed (B*S, T, C) sequences, as
 before that kernel), pr (img2vid.runtime.use_inductor_heuristics, which the pipeline installs: persistent
-reductions for rows of up to runtime.PERSISTENT_ROWS (2048) elements whose reduction hint is DEFAULT, e.g.
-layer norms fused with broadcast adds; without it Inductor's own heuristics; run with
-TORCHINDUCTOR_FX_GRAPH_CACHE=0, since torch 2.11's compiled-graph cache does not key on them), pr1k (with pr:
-up to 1024 elements, as before run 57: not the 1280-channel layer norms), bl0 (cuDNN tries every convolution
-algorithm when benchmarking, torch.backends.cudnn.benchmark_limit = 0, instead of PyTorch's first 10), lt
-(matrix products through cuBLASLt, torch.backends.cuda.preferred_blas_library), fa4 (FlashAttention-4 for the spatial self-attention, img2vid/flash_attention.py, which the
+reductions for rows of up to 1024 elements whose reduction hint is DEFAULT, e.g. layer norms fused with
+broadcast adds; without it Inductor's own heuristics; run with TORCHINDUCTOR_FX_GRAPH_CACHE=0, since torch
+2.11's compiled-graph cache does not key on them), pr2k (with pr: up to 2048 elements, the 1280-channel layer
+norms too), fa4 (FlashAttention-4 for the spatial self-attention, img2vid/flash_attention.py, which the
 pipeline uses where the package is installed), max
 (Inductor's GEMM autotuning), cd (coordinate-descent tuning), regions (compile block by block, as the pipeline does by default, instead of one
 graph), qkv3 (self-attention with three q/k/v products instead of one, as before they were fused), stockgn
 (PyTorch's own group norm instead of img2vid's channels-last formulation), plaincat (torch.cat for the
-skip connections instead of layers.cat_channels), catskip (the skip connection's 1x1 shortcut convolution over
-the concatenation [x, skip], as before run 62, instead of the sum of its halves' convolutions), halves (the two guidance halves one after the other, batch
+skip connections instead of layers.cat_channels), halves (the two guidance halves one after the other, batch
 T each, as low mode runs them), streams (the two halves at once on two CUDA streams), mk
 (Inductor's multi-kernel: each reduction compiled both persistent and looped, the faster one kept; it
 crashed on a compile-cache hit in the pipeline, RESULTS.md runs 32-33), and the Inductor flags of
@@ -60,10 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import geglu_triton  # noqa: E402
 
 _GEGLU_FORWARD = GEGLU.forward
-_RESBLOCK_FORWARD = unet_module.ResBlock.forward
-PERSISTENT_ROWS = runtime.PERSISTENT_ROWS
-BENCHMARK_LIMIT = torch.backends.cudnn.benchmark_limit
-BLAS_LIBRARY = torch.backends.cuda.preferred_blas_library()
 
 
 def _fused_geglu_forward(self, x):  # the experiment of geglu_triton.py (option "geglu")
@@ -77,12 +70,6 @@ def _tma_geglu_forward(self, x):  # its persistent TMA version (option "tma")
 _ATTENTION_FORWARD = Attention.forward
 _GROUPNORM_FORWARD = GroupNorm.forward
 _CAT_CHANNELS = unet_module.cat_channels
-
-
-def _cat_shortcut_forward(self, x, emb, skip=None):  # option "catskip": the shortcut conv over [x, skip]
-    if skip is not None:
-        x = unet_module.cat_channels([x, skip])
-    return _RESBLOCK_FORWARD(self, x, emb)
 
 
 def _plain_cat(tensors):  # option "plaincat"
@@ -207,7 +194,6 @@ def main():
         Attention.forward = _qkv3_attention_forward if "qkv3" in opts else _ATTENTION_FORWARD
         GroupNorm.forward = torch.nn.GroupNorm.forward if "stockgn" in opts else _GROUPNORM_FORWARD
         unet_module.cat_channels = _plain_cat if "plaincat" in opts else _CAT_CHANNELS
-        unet_module.ResBlock.forward = _cat_shortcut_forward if "catskip" in opts else _RESBLOCK_FORWARD
         if "geglu" in opts:
             GEGLU.forward = _fused_geglu_forward
         if "tma" in opts:
@@ -226,12 +212,7 @@ def main():
         # FlashAttention-4 for the spatial self-attention (img2vid.flash_attention) only with option "fa4".
         os.environ[flash_attention.SWITCH] = "1" if "fa4" in opts else "0"
         print("FlashAttention-4:", flash_attention.enable(dev, dt), flush=True)
-        runtime.PERSISTENT_ROWS = 1024 if "pr1k" in opts else PERSISTENT_ROWS
-        if (
-            BENCHMARK_LIMIT is not None
-        ):  # cuDNN caches its choice per shape: compare bl0 in a process of its own
-            torch.backends.cudnn.benchmark_limit = 0 if "bl0" in opts else BENCHMARK_LIMIT
-        torch.backends.cuda.preferred_blas_library("cublaslt" if "lt" in opts else BLAS_LIBRARY)
+        runtime.PERSISTENT_ROWS = 2048 if "pr2k" in opts else 1024
         t0 = time.perf_counter()
         if "cl" in opts or v == "channels_last":
             use_channels_last(unet)  # stays for the variants after this one

@@ -45,24 +45,14 @@ class ResBlock(nn.Module):
             nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """`skip`: a decoder-side skip connection, concatenated to x along the channels.
-
-        The 1x1 shortcut convolution of [x, skip] is taken as the sum of its two halves' convolutions, W_x x + b +
-        W_s skip (the same sum, up to float rounding), so that the concatenation is only read by the group norm,
-        which Inductor fuses with it: compiled, the concatenated tensor is never written to memory."""
-        x_in = x if skip is None else cat_channels([x, skip])
-        h = self.in_layers(x_in)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
         e = self.emb_layers(emb).to(h.dtype)
         if self.dims == 2:
             h = h + e[:, :, None, None]  # emb: (B*T, C_emb)
         else:
             h = h + e.transpose(1, 2)[..., None, None]  # emb: (B, T, C_emb) -> (B, C, T, 1, 1)
-        if skip is None or isinstance(self.skip_connection, nn.Identity):
-            return self.skip_connection(x_in) + self.out_layers(h)
-        conv, c = self.skip_connection, x.shape[1]
-        shortcut = F.conv2d(x, conv.weight[:, :c], conv.bias) + F.conv2d(skip, conv.weight[:, c:])
-        return shortcut + self.out_layers(h)
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class VideoResBlock(ResBlock):
@@ -77,7 +67,9 @@ class VideoResBlock(ResBlock):
         self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`skip`: the decoder side's skip connection, concatenated to x here (inside the compiled block)."""
-        x = super().forward(x, emb, skip)
+        if skip is not None:
+            x = cat_channels([x, skip])
+        x = super().forward(x, emb)
         BT, C, H, W = x.shape
         x = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, T, H, W)
         x_t = self.time_stack(x, emb.unflatten(0, (-1, num_frames)))
