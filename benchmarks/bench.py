@@ -513,6 +513,7 @@ PARTS = {
     "fast_plain": part_fast_plain,
     "gate_ab": part_gate_ab,
     "frames_ab": part_frames_ab,
+    "fa4_ab": part_fa4_ab,
     "decode_profile": part_decode_profile,
     "recompile": part_recompile,
     "low": part_low,

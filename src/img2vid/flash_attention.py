@@ -41,9 +41,9 @@ _attention = None  # flash_attn.cute.flash_attn_func, imported by `enable`: the 
 
 
 def installed() -> bool:
-    try:
+    try:  # imports the parent package flash_attn, which FlashAttention-2 also provides
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:  # flash_attn absent, or an old flash-attn without its cute package
+    except Exception:  # flash_attn absent, or a FlashAttention-2 install that fails to import
         return False
 
 
