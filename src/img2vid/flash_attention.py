@@ -7,8 +7,9 @@ flash-attn-4`, kernels written in NVIDIA's CUTLASS Python DSL and compiled on fi
 FlashAttention-3's design: a producer warp loading tiles with the bulk-copy engine and two consumer warpgroups
 whose softmax overlaps the other's matrix products. On an H100 it took 0.88x cuDNN's time at 9216 tokens (540
 TFLOP/s), 0.83x at 2304 and 0.87x at 576, with the same error against fp32 attention (benchmarks/
-fa4_attention.py; RESULTS.md, run 56). At 144 tokens (the middle block) cuDNN was as fast, so sequences shorter
-than MIN_TOKENS keep PyTorch's kernel.
+fa4_attention.py; RESULTS.md, run 56). At 144 tokens (the middle block) cuDNN's was faster (0.062 against
+0.068 ms), so sequences shorter than MIN_TOKENS keep PyTorch's kernel. Importing the package took 10.7 s on a
+fresh machine (run 58); `enable` pays that once per process.
 
 Same mathematics as scaled_dot_product_attention: scores and softmax in fp32, the probabilities rounded to the
 inputs' half precision for the product with v. It reads q, k and v where the fused projection wrote them and
@@ -33,7 +34,7 @@ log = logging.getLogger("img2vid")
 
 SWITCH = "IMG2VID_FLASH_ATTENTION"  # "0": never use FlashAttention-4
 PACKAGE = "flash-attn-4"
-MIN_TOKENS = 512  # shorter sequences keep PyTorch's kernel (as fast at 144 tokens on an H100, run 56)
+MIN_TOKENS = 512  # shorter sequences keep PyTorch's kernel (faster at 144 tokens on an H100, run 56)
 HEAD_DIMS = (64, 128)
 
 _enabled = False  # set by `enable`, read by `applies`; torch.compile guards on it
