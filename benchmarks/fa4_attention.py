@@ -24,6 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from img2vid import gate_gemm  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
 LEVELS = [
     (9216, 320, 5),
     (2304, 640, 10),
@@ -76,10 +79,7 @@ def measure(N: int, C: int, heads: int, dev) -> dict:
             r[f"{name}_err"] = err(fa4())
         except Exception as e:  # a configuration that does not build or fit: note it and go on
             r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    for key in list(r):
-        if key.endswith("_ms"):
-            r[key.replace("_ms", "_TFLOPs")] = flop / (r[key] / 1e3) / 1e12
-    return r
+    return report.with_tflops(r, flop)
 
 
 def main():
@@ -96,15 +96,13 @@ def main():
         "flash_attn_4": getattr(fa, "__version__", "?"),
     }
     print(json.dumps(res), flush=True)
-    for N, C, heads in LEVELS:
-        r = res[f"N{N}_C{C}"] = measure(N, C, heads, dev)
-        print(
-            N,
-            C,
-            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}),
-            flush=True,
-        )
-        Path(a.out, "fa4_attention.json").write_text(json.dumps(res, indent=1))
+    report.levels(
+        res,
+        LEVELS,
+        lambda N, C, heads: f"N{N}_C{C}",
+        lambda N, C, heads: measure(N, C, heads, dev),
+        Path(a.out, "fa4_attention.json"),
+    )
 
 
 if __name__ == "__main__":

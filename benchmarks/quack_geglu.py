@@ -14,7 +14,6 @@ with a residual and a bias added in its epilogue, against F.linear and an add. W
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from img2vid import gate_gemm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 LEVELS = [(460800, 320), (115200, 640), (28800, 1280)]  # tokens (CFG batch 2 x 25 frames), channels
 
@@ -142,15 +144,13 @@ def main():
     print("fused GEGLU kernel:", gate_gemm.enable(dev, torch.float16), flush=True)
     register_geglu_erf()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for M, C in LEVELS:
-        r = res[f"M{M}_C{C}"] = measure(M, C, dev, residual=not a.no_residual)
-        print(
-            M,
-            C,
-            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}),
-            flush=True,
-        )
-        Path(a.out, "quack_geglu.json").write_text(json.dumps(res, indent=1))
+    report.levels(
+        res,
+        LEVELS,
+        lambda M, C: f"M{M}_C{C}",
+        lambda M, C: measure(M, C, dev, residual=not a.no_residual),
+        Path(a.out, "quack_geglu.json"),
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ slice. An experiment: the library does not use it. Writes spatial_attention_trit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,9 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from img2vid import gate_gemm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 LEVELS = [(9216, 320, 5), (2304, 640, 10)]  # tokens per frame, channels, heads
 
@@ -123,10 +125,7 @@ def measure(N: int, C: int, heads: int, dev) -> dict:
             r[f"{name}_err"] = err(triton_attention(q, k, v, bm, bn, w, st))
         except Exception as e:  # a shape that does not fit (shared memory, registers): note it and go on
             r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    for key in list(r):
-        if key.endswith("_ms"):
-            r[key.replace("_ms", "_TFLOPs")] = flop / (r[key] / 1e3) / 1e12
-    return r
+    return report.with_tflops(r, flop)
 
 
 def main():
@@ -135,15 +134,13 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    for N, C, heads in LEVELS:
-        r = res[f"N{N}_C{C}"] = measure(N, C, heads, dev)
-        print(
-            N,
-            C,
-            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}),
-            flush=True,
-        )
-    Path(a.out, "spatial_attention_triton.json").write_text(json.dumps(res, indent=1))
+    report.levels(
+        res,
+        LEVELS,
+        lambda N, C, heads: f"N{N}_C{C}",
+        lambda N, C, heads: measure(N, C, heads, dev),
+        Path(a.out, "spatial_attention_triton.json"),
+    )
 
 
 if __name__ == "__main__":
