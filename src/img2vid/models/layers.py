@@ -113,9 +113,8 @@ class Attention(nn.Module):
         skips the query/key projections and the attention of every cross-attention layer."""
         if context is not None and context.shape[1] == 1:
             return self.to_out(self.to_v(context))
-        if context is None:  # self-attention: one matrix product for q, k and v (x is read once, not 3 times)
-            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-            qkv = F.linear(x, w)
+        if context is None:  # self-attention
+            qkv = self.fused_qkv(x)
             if flash_attention.applies(x, self.heads):  # FlashAttention-4 where installed: flash_attention.py
                 return self.to_out(flash_attention.flash_attention(qkv, self.heads))
             q, k, v = qkv.chunk(3, dim=-1)
@@ -132,8 +131,11 @@ class Attention(nn.Module):
         """Self-attention over the frames of each pixel, for x: (B*T, S, C) stored frame by frame (video b's
         frame t is row b*T+t), with the frame attention kernel (frame_attention.applies must hold). The result
         is in the same order."""
-        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        return self.to_out(frame_attention.frame_attention(F.linear(x, w), self.heads, num_frames))
+        return self.to_out(frame_attention.frame_attention(self.fused_qkv(x), self.heads, num_frames))
+
+    def fused_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[q, k, v] of self-attention in one matrix product, (..., 3C): x is read once, not three times."""
+        return F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
 
 
 def cross_attend(attn: Attention, norm: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
