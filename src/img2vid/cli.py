@@ -796,12 +796,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         dtype = str(default_dtype(device)).removeprefix("torch.")
         out.append(("  default device", f"{device}, {dtype}"))
         out.append(("  memory mode (auto)", f"{mode} ({why})"))
-        from . import flash_attention, frame_attention, gate_gemm
+        from . import flash_attention, frame_attention, gate_gemm, quack_geglu
 
         out.append(("  fused GEGLU kernel", gate_gemm.status(device, default_dtype(device))))
         for name, module in (
             ("temporal attention kernel", frame_attention),
             ("FlashAttention-4", flash_attention),
+            ("GEGLU as one quack GEMM", quack_geglu),
         ):
             reason = module.unavailable_reason(device, default_dtype(device))
             out.append((f"  {name}", "on" if reason is None else f"off: {reason}"))

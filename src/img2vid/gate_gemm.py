@@ -250,7 +250,7 @@ def _dense_order(x: torch.Tensor) -> list[int]:
     return order if x.permute(order).is_contiguous() else list(range(x.dim()))
 
 
-def _output_layout(x: torch.Tensor, n: int) -> tuple[list[int], list[int], list[int]]:
+def output_layout(x: torch.Tensor, n: int) -> tuple[list[int], list[int], list[int]]:
     """(order, shape in that order, inverse permutation) of the output: x's memory order, last dimension n."""
     order = _dense_order(x)
     shape = [x.shape[d] for d in order[:-1]] + [n]
@@ -263,7 +263,7 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
     """GEGLU(x) for the Linear (weight (2n, k), bias (2n,)) of a GEGLU layer. The output keeps x's memory order,
     so a permuted but dense x is not copied."""
     n = weight.shape[0] // 2
-    order, shape, inverse = _output_layout(x, n)
+    order, shape, inverse = output_layout(x, n)
     x2 = x.permute(order).contiguous().view(-1, x.shape[-1])
     out = gate_gemm(x2, weight[n:], bias[n:], F.linear(x2, weight[:n], bias[:n]))
     return out.view(shape).permute(inverse)
@@ -271,5 +271,5 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
 
 @geglu.register_fake
 def _(x, weight, bias):
-    _order, shape, inverse = _output_layout(x, weight.shape[0] // 2)
+    _order, shape, inverse = output_layout(x, weight.shape[0] // 2)
     return x.new_empty(shape).permute(inverse)

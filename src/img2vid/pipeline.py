@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__ as _version
-from . import checkpoint, flash_attention, frame_attention, gate_gemm, runtime, sampling
+from . import checkpoint, flash_attention, frame_attention, gate_gemm, quack_geglu, runtime, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
 from .image import prepare_image, to_tensor
@@ -54,6 +54,7 @@ class Pipeline:
         self.fused_geglu = "off"  # set by setup: gate_gemm.enable's answer
         self.frame_attention = "off"  # and frame_attention.enable's
         self.flash_attention = "off"  # and flash_attention.enable's
+        self.gated_gemm = "off"  # and quack_geglu.enable's (fast mode only)
         self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
         self.decoder_forward = self.vae.decoder  # and the compiled decoder
 
@@ -81,6 +82,11 @@ class Pipeline:
             self.fused_geglu = gate_gemm.enable(self.device, self.dtype)  # fp16 on Hopper; see gate_gemm.py
             self.frame_attention = frame_attention.enable(self.device, self.dtype)  # Triton, fp16
             self.flash_attention = flash_attention.enable(self.device, self.dtype)  # where installed
+            # GEGLU as one GEMM, where installed; its interleaved weights are a copy, so not in low-memory mode
+            self.gated_gemm = (
+                quack_geglu.enable(self.device, self.dtype) if memory == "fast" else "off: low memory"
+            )
+        quack_geglu.prepare(self.unet, on=self.gated_gemm == "on")
         if self.offloading:
             runtime.use_expandable_segments()
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import flash_attention, frame_attention, gate_gemm
+from .. import flash_attention, frame_attention, gate_gemm, quack_geglu
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -163,8 +163,13 @@ class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
+        # the interleaved copy of proj that quack's GEMM reads, when quack_geglu.prepare gives one
+        self.register_buffer("gated_weight", None, persistent=False)
+        self.register_buffer("gated_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if quack_geglu.applies(x, self.gated_weight):  # fp16, fast mode, where quack is installed
+            return quack_geglu.geglu(x, self.gated_weight, self.gated_bias)
         if gate_gemm.applies(x, self.proj.weight):  # fp16 on a Hopper GPU, once enabled (see gate_gemm.py)
             return gate_gemm.geglu(x, self.proj.weight, self.proj.bias)
         x, gate = self.proj(x).chunk(2, dim=-1)
