@@ -13,6 +13,8 @@ Parts:
   gate_ab    fast mode with that kernel off and on in alternation, three generations each, one pipeline
   frames_ab  the same for the temporal attention kernel of img2vid/frame_attention.py
   fa4_ab     the same for FlashAttention-4 in the spatial layers (img2vid/flash_attention.py; needs flash-attn-4)
+  quack_ab   the same for GEGLU as one quack GEMM (img2vid/quack_geglu.py; needs quack-kernels)
+  quack_tuned_ab  that GEMM in quack's default tile configuration and in its autotuned one, in alternation
   decode_profile  the CUDA kernels and FLOPs of fast mode's decode of 25 frames
   recompile  the same in a second process: the compile cache is reused across processes
   low        the same in low-memory mode (peak allocated must stay <= 8 GiB)
@@ -45,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from img2vid import checkpoint, flash_attention, frame_attention, gate_gemm  # noqa: E402
+from img2vid import checkpoint, flash_attention, frame_attention, gate_gemm, quack_geglu  # noqa: E402
 from img2vid.config import PRESETS  # noqa: E402
 from img2vid.models import build, init_random  # noqa: E402
 from img2vid.pipeline import Pipeline  # noqa: E402
@@ -204,7 +206,9 @@ def compiled_vs_eager(pipe: Pipeline, frames: int) -> dict:
 
 def part_fast(a, res):
     pipe = fast_pipeline()
-    kernels = {k: getattr(pipe, k) for k in ("fused_geglu", "frame_attention", "flash_attention")}
+    kernels = {
+        k: getattr(pipe, k) for k in ("fused_geglu", "frame_attention", "flash_attention", "gated_gemm")
+    }
     r = kernels | measure(pipe, 25, a.steps)
     r.update(compiled_vs_eager(pipe, 25))
     r["unet_TFLOPs_ref_count"] = REF_UNET_TFLOP / r["unet_s_per_step"]
@@ -281,6 +285,26 @@ def part_fa4_ab(a, res):
     """FlashAttention-4 for the spatial self-attention (img2vid/flash_attention.py) off, with cuDNN's kernel
     through scaled_dot_product_attention, and on, in alternation."""
     res["fa4_ab"] = alternate(a, flash_attention, lambda on: switched(flash_attention, on))
+
+
+def part_quack_ab(a, res):
+    """GEGLU as one quack GEMM (img2vid/quack_geglu.py) off, with the CUTLASS kernel of gate_gemm.py, and on,
+    in alternation."""
+    res["quack_ab"] = alternate(a, quack_geglu, lambda on: switched(quack_geglu, on))
+
+
+def part_quack_tuned_ab(a, res):
+    """quack's GEGLU GEMM in its default tile configuration (off) and autotuned (on), in alternation; the op reads
+    quack_geglu.TUNED at each call, so nothing recompiles."""
+
+    def tuned(on: bool) -> str:
+        quack_geglu.TUNED = on
+        return f"tuned={on}"
+
+    try:
+        res["quack_tuned_ab"] = alternate(a, quack_geglu, tuned)
+    finally:
+        quack_geglu.TUNED = False
 
 
 def part_decode_profile(a, res):
@@ -514,6 +538,8 @@ PARTS = {
     "gate_ab": part_gate_ab,
     "frames_ab": part_frames_ab,
     "fa4_ab": part_fa4_ab,
+    "quack_ab": part_quack_ab,
+    "quack_tuned_ab": part_quack_tuned_ab,
     "decode_profile": part_decode_profile,
     "recompile": part_recompile,
     "low": part_low,

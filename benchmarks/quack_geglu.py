@@ -1,14 +1,14 @@
-"""GEGLU and residual-add GEMMs from quack (`quack-kernels`, Tri Dao's CUTLASS-DSL kernels) against img2vid's
-(GPU; an experiment, the library does not use it):
-    python benchmarks/quack_geglu.py --out $OUT
+"""GEGLU through quack's one-GEMM gated kernels (`quack-kernels`, Tri Dao's CUTLASS-DSL GEMMs) against img2vid's
+CUTLASS kernel, per UNet level (GPU):
+    python benchmarks/quack_geglu.py --out $OUT            # --residual: also gemm_add (run 66's experiment)
 
-The GEGLU feed-forwards are the largest excess left in an SVD-XT UNet call: at the first level one takes
-~2.25-2.5 ms (cuBLAS for a = x W_a^T + b_a, then img2vid's CUTLASS kernel for a * gelu(x W_g^T + b_g)) where
-its products need ~0.95 ms at the card's peak. quack's `gemm_gated` computes both halves in one Hopper GEMM
-(weights interleaved gate/up by column) with the gated activation in an epilogue overlapped with the next
-tile's products. Its "geglu" uses the tanh approximation of GELU; SVD's is the erf form, so this also registers
-"geglu_erf" (quack's own gelu_erf) and reports the error of each against fp32. `gemm_add` is the same GEMM
-with a residual and a bias added in its epilogue, against F.linear and an add. Writes quack_geglu.json.
+At the first level a GEGLU took ~2.05 ms with img2vid's CUTLASS path (cuBLAS for a = x W_a^T + b_a, then a
+kernel for a * gelu(x W_g^T + b_g)) where its products need ~0.95 ms at the card's peak. quack's `gemm_gated`
+computes both halves in one Hopper GEMM (weights interleaved gate/up) with the gated activation in its
+epilogue, where the activation's cost shows. Timed here: the library's op (img2vid/quack_geglu.py: the erf GELU
+as a degree-7 polynomial of |x| under one exp2, autotuned), and in quack's default tile configuration the same
+polynomial at degrees 6, 7 and 9, quack's tanh-form GEGLU (not SVD's GELU) and quack's erf GELU (the general
+erf). Each with its error against fp32. Writes quack_geglu.json.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from img2vid import gate_gemm  # noqa: E402
+from img2vid import gate_gemm, quack_geglu  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gelu_fit  # noqa: E402
 import report  # noqa: E402
 
 LEVELS = [(460800, 320), (115200, 640), (28800, 1280)]  # tokens (CFG batch 2 x 25 frames), channels
@@ -35,27 +36,10 @@ def time_ms(fn):
     return gate_gemm.time_ms(fn, n=10, warmup=2)
 
 
-def register_geglu_erf():
-    """quack's gated activations are looked up by name; add the erf-GELU one SVD uses. Also lets quack's
-    compile-cache key take the ContextVar that the CUTLASS DSL 4.8.1's op decorator refers to (run 66 failed on
-    it): keyed by its name, as it holds only source-location transforms, not the kernel's math."""
-    import contextvars
-
+def register_quack_erf() -> str:
+    """quack's own erf GELU (the general erf) as a gated activation, for comparison with img2vid's."""
     import quack.activation as qa
     import quack.gemm_interface as gi
-    import quack.gemm_runtime.identity as identity
-
-    plain_key = identity.semantic_value_key
-
-    def semantic_value_key(value, seen):
-        if isinstance(value, contextvars.ContextVar):
-            return ("contextvar", value.name)
-        try:
-            return plain_key(value, seen)
-        except TypeError:  # e.g. code.co_positions, which the DSL's wrappers also refer to: keyed by repr
-            return ("opaque", type(value).__qualname__, repr(value))
-
-    identity.semantic_value_key = semantic_value_key  # the module's own recursion looks it up by name
 
     @qa.dsl_user_op
     def geglu_erf(x, y, *, loc=None, ip=None):
@@ -65,6 +49,7 @@ def register_geglu_erf():
 
     qa.gate_fn_map["geglu_erf"] = geglu_erf
     gi.gated_to_pytorch_fn_map["geglu_erf"] = lambda gate, up: F.gelu(gate) * up
+    return "geglu_erf"
 
 
 def first(fn):
@@ -74,7 +59,7 @@ def first(fn):
     return out, time.perf_counter() - t0
 
 
-def measure(M: int, C: int, dev, residual: bool = True) -> dict:
+def measure(M: int, C: int, dev, activations: list[str], residual: bool = False) -> dict:
     from quack.gemm_interface import gemm_add, gemm_gated
 
     r: dict = {}
@@ -90,25 +75,23 @@ def measure(M: int, C: int, dev, residual: bool = True) -> dict:
 
     r["img2vid_ms"] = time_ms(lambda: gate_gemm.geglu(x, w, b))
     r["img2vid_err"] = err(gate_gemm.geglu(x, w, b))
-    # quack: B (K, 2N) with the gate and up columns interleaved: [g0, a0, g1, a1, ...]
-    wa, wg = w.chunk(2)
-    ba, bg = b.chunk(2)
-    w_int = torch.stack([wg, wa], dim=1).reshape(8 * C, C)
-    b_int = torch.stack([bg, ba], dim=1).reshape(8 * C)
-    B = w_int.t()  # (K, 2N), a view of the Linear-style weight
-    for act in ("geglu", "geglu_erf"):
-        for tuned in (False, True):
-            name = f"quack_{act}_{'tuned' if tuned else 'default'}"
-            try:
+    w_int, b_int = quack_geglu.interleave(w, b)  # B = w_int.t(): (K, 2N), gate and up columns interleaved
+    out, r["quack_img2vid_first_s"] = first(lambda: quack_geglu.geglu(x, w_int, b_int))  # the library's op
+    r["quack_img2vid_ms"] = time_ms(lambda: quack_geglu.geglu(x, w_int, b_int))
+    r["quack_img2vid_err"] = err(out)
+    for act in activations:  # quack's default tile configuration, to compare the activations' cost
+        name = f"quack_{act.removeprefix('img2vid_geglu_erf_')}_default"
+        try:
 
-                def run(act=act, tuned=tuned):
-                    return gemm_gated(x, B, bias=b_int, activation=act, store_preact=False, tuned=tuned)[1]
+            def run(act=act):
+                B = w_int.t()
+                return gemm_gated(x, B, bias=b_int, activation=act, store_preact=False, tuned=False)[1]
 
-                out, r[f"{name}_first_s"] = first(run)
-                r[f"{name}_ms"] = time_ms(run)
-                r[f"{name}_err"] = err(out)
-            except Exception as e:  # note it and go on
-                r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out, r[f"{name}_first_s"] = first(run)
+            r[f"{name}_ms"] = time_ms(run)
+            r[f"{name}_err"] = err(out)
+        except Exception as e:  # note it and go on
+            r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     # a residual add and a bias in the epilogue: the attention output projection (C -> C) and the feed-forward's
     # down projection (4C -> C)
     for k_mult in (1, 4) if residual else ():
@@ -138,17 +121,21 @@ def measure(M: int, C: int, dev, residual: bool = True) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    ap.add_argument("--no-residual", action="store_true", help="only the GEGLU kernels")
+    ap.add_argument("--residual", action="store_true", help="also gemm_add against F.linear and an add")
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("fused GEGLU kernel:", gate_gemm.enable(dev, torch.float16), flush=True)
-    register_geglu_erf()
+    print("quack GEGLU:", quack_geglu.enable(dev, torch.float16), flush=True)
+    # quack's tanh GELU and general erf, and img2vid's erf polynomial of degree 7 (the library's), 6 and 9
+    activations = ["geglu", register_quack_erf()]
+    activations += [quack_geglu.register(gelu_fit.fit(d)) for d in (7, 6, 9)]
+    print("activations:", activations, flush=True)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report.levels(
         res,
         LEVELS,
         lambda M, C: f"M{M}_C{C}",
-        lambda M, C: measure(M, C, dev, residual=not a.no_residual),
+        lambda M, C: measure(M, C, dev, activations, residual=a.residual),
         Path(a.out, "quack_geglu.json"),
     )
 
