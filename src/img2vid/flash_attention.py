@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from . import runtime
+
 log = logging.getLogger("img2vid")
 
 SWITCH = "IMG2VID_FLASH_ATTENTION"  # "0": never use FlashAttention-4
@@ -51,17 +53,7 @@ def installed() -> bool:
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why FlashAttention-4 cannot run on this device and dtype; None if it can (as far as can be told without
     importing it)."""
-    if os.environ.get(SWITCH, "1") == "0":
-        return f"{SWITCH}=0"
-    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
-        return "needs a CUDA device"
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
-        return "needs compute capability 9.x or 10.x (Hopper, datacenter Blackwell)"
-    if dtype != torch.float16:
-        return "needs float16"
-    if not installed():
-        return f"not installed (pip install {PACKAGE})"
-    return None
+    return runtime.dsl_kernel_unavailable_reason(SWITCH, PACKAGE, installed(), device, dtype)
 
 
 def enable(device: torch.device, dtype: torch.dtype) -> str:

@@ -66,6 +66,25 @@ def choose_memory_mode(device: torch.device, requested: str = "auto") -> tuple[s
     return "low", f"{free:.1f} GiB free < {FAST_MIN_FREE_GIB:.0f} GiB"
 
 
+def dsl_kernel_unavailable_reason(
+    switch: str, package: str, installed: bool, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """Why an optional package of CUTLASS-DSL kernels (FlashAttention-4, quack) cannot be used on this device
+    and dtype; None if it can, as far as can be told without importing it. `switch` is its environment switch
+    ("0": off), `installed` whether the package is there."""
+    if os.environ.get(switch, "1") == "0":
+        return f"{switch}=0"
+    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
+        return "needs a CUDA device"
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return "needs compute capability 9.x or 10.x (Hopper, datacenter Blackwell)"
+    if dtype != torch.float16:
+        return "needs float16"
+    if not installed:
+        return f"not installed (pip install {package})"
+    return None
+
+
 def use_channels_last(module: torch.nn.Module) -> None:
     """NHWC (and NDHWC for the temporal 3-D convs) weights: cuDNN's tensor-core convolutions want them, and the
     (B*T, C, H, W) <-> (B, C, T, H, W) views of the temporal layers then need no transposes."""
