@@ -297,6 +297,8 @@ def part_quack_tuned_ab(a, res):
     """quack's GEGLU GEMM in its default tile configuration (off) and autotuned (on), in alternation; the op reads
     quack_geglu.TUNED at each call, so nothing recompiles."""
 
+    default = quack_geglu.TUNED
+
     def tuned(on: bool) -> str:
         quack_geglu.TUNED = on
         return f"tuned={on}"
@@ -304,7 +306,7 @@ def part_quack_tuned_ab(a, res):
     try:
         res["quack_tuned_ab"] = alternate(a, quack_geglu, tuned)
     finally:
-        quack_geglu.TUNED = False
+        quack_geglu.TUNED = default
 
 
 def part_decode_profile(a, res):
