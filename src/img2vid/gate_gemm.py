@@ -5,7 +5,8 @@ kernel reading it back. Here a = x W_a^T + b_a (cuBLAS) and one CUTLASS kernel c
 reading a in its epilogue; W_a, W_g, b_a, b_g are row slices of the Linear's own weight and bias (no copies).
 On an H100 this made the compiled SVD-XT UNet call 2.2-2.9% faster and a whole generation 2.6% faster
 (benchmarks/RESULTS.md, runs 37-40); its results differ from the plain path's by rounding only (g is not
-rounded to fp16 before the gelu).
+rounded to fp16 before the gelu). In fast-memory mode with quack installed, quack_geglu.py's one-GEMM GEGLU
+takes precedence (0.959x a generation against this path, run 71); low-memory mode keeps this one.
 
 The kernel is compiled once per machine with nvcc against CUTLASS's headers (the pip package `nvidia-cutlass`,
 or $CUTLASS_DIR), into ~/.cache/img2vid/kernels, the first time a pipeline is set up on a Hopper GPU in fp16:
