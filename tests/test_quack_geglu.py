@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -156,3 +157,27 @@ def test_cpu_pipeline_keeps_no_interleaved_copies():
     assert pipe.gated_gemm == "off"
     layers = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
     assert layers and all(m.gated_weight is None for m in layers)
+
+
+def test_enable_keeps_quacks_caches_in_img2vids_folder(monkeypatch, tmp_path):
+    """Also when quack was imported before (FlashAttention-4 imports it) and so read no QUACK_CACHE_DIR."""
+    import types
+
+    quack = types.ModuleType("quack")
+    cache = types.ModuleType("quack.cache")
+    cache.CACHE_DIR = None  # as quack.cache sets it at import without the variable
+    interface = types.ModuleType("quack.gemm_interface")
+    interface.gemm_gated = object()
+    quack.cache, quack.gemm_interface = cache, interface
+    for name, module in (("quack", quack), ("quack.cache", cache), ("quack.gemm_interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QUACK_CACHE_DIR", raising=False)
+    monkeypatch.setattr(quack_geglu, "unavailable_reason", lambda device, dtype: None)
+    monkeypatch.setattr(quack_geglu, "register", lambda: "img2vid_geglu_erf_test")
+    for name in ("_enabled", "_gemm_gated", "_activation"):
+        monkeypatch.setattr(quack_geglu, name, getattr(quack_geglu, name))
+    assert quack_geglu.enable(torch.device("cuda"), torch.float16) == "on"
+    expected = str(tmp_path / "img2vid" / "quack")
+    assert (cache.CACHE_DIR, os.environ["QUACK_CACHE_DIR"]) == (expected, expected)
+    assert quack_geglu._gemm_gated is interface.gemm_gated

@@ -127,10 +127,15 @@ def enable(device: torch.device, dtype: torch.dtype) -> str:
     if os.environ.get(SWITCH, "1") == "0":
         _enabled = False
     elif reason is None and not _enabled:
-        os.environ.setdefault("QUACK_CACHE_DIR", str(cache_dir().parent / "quack"))
         try:
+            import quack.cache
             from quack.gemm_interface import gemm_gated
 
+            # quack reads QUACK_CACHE_DIR for its compiled kernels when first imported (FlashAttention-4 may have
+            # done that already) and for its tuning choices when it tunes: unless the user set it, both go here
+            folder = os.environ.setdefault("QUACK_CACHE_DIR", str(cache_dir().parent / "quack"))
+            if quack.cache.CACHE_DIR is None:
+                quack.cache.CACHE_DIR = folder
             _activation = register()
             _gemm_gated = gemm_gated
             _enabled = True
