@@ -479,15 +479,14 @@ def part_diffusers(a, res):
         c: m.state_dict()
         for c, m in (("unet", ours.unet), ("vae", ours.vae), ("image_encoder", ours.image_encoder))
     }
+    ours_key = {c: {checkpoint.file_key(c, k): k for k in sd} for c, sd in mine.items()}
     copied = 0
     with torch.no_grad():
         for comp, sd in sds.items():
             for key, get in checkpoint._convert(
                 comp, {k: (lambda t=t: t) for k, t in sd.items()}, PRESETS["svd-xt"]
             ):
-                if key.startswith(checkpoint.QUANT_CONV):
-                    continue  # random quant_conv: not folded here, the encoder keeps its own conv_out
-                mine[comp][key[len(checkpoint.PREFIX[comp]) :]].copy_(get())
+                mine[comp][ours_key[comp][key]].copy_(get())
                 copied += 1
     r["weights_copied"] = copied
     pipe = unet = vae = enc = sds = None
@@ -509,12 +508,7 @@ def part_load(a, res):
     tensors = {}
     for comp, net in (("unet", pipe.unet), ("vae", pipe.vae), ("image_encoder", pipe.image_encoder)):
         for k, v in net.state_dict().items():
-            tensors[checkpoint.PREFIX[comp] + k] = v.contiguous().cpu()
-    q = torch.eye(8, dtype=torch.float16).view(8, 8, 1, 1)
-    tensors[checkpoint.QUANT_CONV + "weight"], tensors[checkpoint.QUANT_CONV + "bias"] = (
-        q,
-        torch.zeros(8).half(),
-    )
+            tensors[checkpoint.file_key(comp, k)] = v.contiguous().cpu()
     del pipe
     with tempfile.TemporaryDirectory(dir=a.tmp) as d:
         path = Path(d) / "svd_xt.safetensors"

@@ -19,7 +19,7 @@ from img2vid.errors import CheckpointError
 DATA = Path(__file__).resolve().parent / "data"
 REFERENCE = DATA / "svd_xt_checkpoint_keys.json"
 DIFFUSERS_REFERENCE = DATA / "svd_xt_diffusers_keys.json"
-FULL_PARAMS = {"unet": 1_524_623_082, "vae": 97_742_775, "image_encoder": 632_076_800}
+FULL_PARAMS = {"unet": 1_524_623_082, "vae": 97_742_847, "image_encoder": 632_076_800}
 TEMPORAL_DECODER = ("time_stack", "mix_factor", "time_mix_conv")
 
 
@@ -103,8 +103,13 @@ def test_shape_mismatch_is_named(tmp_path):
 
 
 def test_unused_reference_keys_are_skipped_but_nothing_else():
-    assert checkpoint.UNUSED.match("conditioner.embedders.3.encoder.encoder.conv_in.weight")
+    assert checkpoint.UNUSED.match("first_stage_model.encoder.conv_in.weight")
+    assert checkpoint.UNUSED.match("conditioner.embedders.3.encoder.decoder.conv_in.weight")
+    assert checkpoint.UNUSED.match("conditioner.embedders.3.encoder.post_quant_conv.weight")
     assert checkpoint.UNUSED.match("conditioner.embedders.0.open_clip.model.token_embedding.weight")
+    assert not checkpoint.UNUSED.match("conditioner.embedders.3.encoder.encoder.conv_in.weight")
+    assert not checkpoint.UNUSED.match("conditioner.embedders.3.encoder.quant_conv.weight")
+    assert not checkpoint.UNUSED.match("first_stage_model.decoder.conv_in.weight")
     assert not checkpoint.UNUSED.match("conditioner.embedders.0.open_clip.model.visual.proj")
     assert not checkpoint.UNUSED.match("model.diffusion_model.out.2.weight")
 
@@ -164,7 +169,10 @@ def test_single_file_from_diffusers_folder_loads_the_same(tmp_path):
 
     with safe_open(str(single), "pt") as f:
         keys = set(f.keys())
-    assert checkpoint.QUANT_CONV + "weight" in keys  # where the official file keeps it
+    # where the official file keeps the conditioning encoder
+    assert "conditioner.embedders.3.encoder.quant_conv.weight" in keys
+    assert "conditioner.embedders.3.encoder.encoder.conv_in.weight" in keys
+    assert not any(k.startswith("first_stage_model.encoder.") for k in keys)
     a = img2vid.load(folder, device="cpu")
     b = img2vid.load(single, device="cpu")  # the tiny sizes travel in the file's metadata
     assert b.config.unet == a.config.unet and b.config.vae == a.config.vae and b.config.clip == a.config.clip
@@ -198,3 +206,89 @@ def test_official_diffusers_folder_layout_loads_strictly(tmp_path):
     assert pipe.config.unet == img2vid.config.PRESETS["svd-xt"].unet
     assert pipe.config.vae == img2vid.config.PRESETS["svd-xt"].vae
     assert pipe.config.clip == img2vid.config.PRESETS["svd-xt"].clip
+
+
+def reference_layout_file(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A single file in the reference's key layout at the tiny preset's sizes, every tensor random: both VAE
+    encoders (embedders.3's and the first stage's) and quant_conv hold different values, embedders.3's unused
+    SD decoder and post_quant_conv are there, and so are the text tower's leftovers."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from img2vid.config import PRESETS
+    from img2vid.models import VAE, build, init_random
+
+    cfg = PRESETS["tiny"]
+    nets = build(cfg, "cpu")
+    tensors = {}
+    for i, (comp, net) in enumerate(nets.items()):
+        init_random(net, seed=10 + i, std=0.2)
+        tensors.update({checkpoint.file_key(comp, k): v for k, v in net.state_dict().items()})
+    # The first stage's own encoder and embedders.3's decoder half: in the file, never used for a video.
+    other = init_random(VAE(replace(cfg.vae, temporal_decoder=False)), seed=20, std=0.2)
+    for k, v in other.state_dict().items():
+        if k.startswith("encoder."):
+            tensors["first_stage_model." + k] = v
+        elif k.startswith("decoder."):
+            tensors["conditioner.embedders.3.encoder." + k] = v
+    tensors["conditioner.embedders.3.encoder.post_quant_conv.weight"] = torch.randn(4, 4, 1, 1)
+    tensors["conditioner.embedders.3.encoder.post_quant_conv.bias"] = torch.randn(4)
+    tensors["conditioner.embedders.0.open_clip.model.logit_scale"] = torch.ones(())
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_conditioning_latent_comes_from_the_reference_encoder(tmp_path):
+    """encode_image runs conditioner.embedders.3.encoder (encoder, quant_conv, posterior mode) exactly as diffusers'
+    own LDM converter reads those tensors into its AutoencoderKL, and not first_stage_model.encoder."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path, tensors = reference_layout_file(tmp_path / "svd_xt.safetensors")
+    pipe = img2vid.load(path, device="cpu", dtype=torch.float32, variant="tiny")
+    vae = pipe.config.vae
+    config = {
+        "block_out_channels": [vae.channels * m for m in vae.channel_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * len(vae.channel_mult),
+        "up_block_types": ["UpDecoderBlock2D"] * len(vae.channel_mult),
+        "layers_per_block": vae.num_res_blocks,
+        "latent_channels": vae.latent_channels,
+        "norm_num_groups": vae.norm_groups,
+    }
+
+    def diffusers_vae(encoder: str) -> AutoencoderKL:
+        """AutoencoderKL from embedders.3's tensors alone, or with the encoder under `encoder` put in."""
+        sd_vae = "conditioner.embedders.3.encoder."
+        ldm = {k[len(sd_vae) :]: v for k, v in tensors.items() if k.startswith(sd_vae)}
+        ldm.update({"encoder." + k[len(encoder) :]: v for k, v in tensors.items() if k.startswith(encoder)})
+        ref = AutoencoderKL(**config).eval()
+        ref.load_state_dict(convert_ldm_vae_checkpoint(ldm, config), strict=True)
+        return ref
+
+    reference = diffusers_vae("conditioner.embedders.3.encoder.encoder.")
+    first_stage = diffusers_vae("first_stage_model.encoder.")
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    ours = pipe.encode_image(x)
+    assert ours.shape == (2, 4, 8, 12) and ours.dtype == torch.float32
+    with torch.no_grad():
+        want = reference.encode(x).latent_dist.mode()
+        other = first_stage.encode(x).latent_dist.mode()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(ours, want) <= 1e-4
+    assert rel(ours, other) > 0.1  # the first stage's encoder would give another latent
+
+
+def test_keys_no_video_uses_are_never_read(tmp_path):
+    path, tensors = reference_layout_file(tmp_path / "svd_xt.safetensors")
+    weights = checkpoint.read_single_file(path, variant="tiny")
+    read = []
+    inner = weights.read
+    weights.read = lambda key, device: read.append(key) or inner(key, device)
+    from img2vid.models import build
+
+    checkpoint.load_into(build(weights.config, "meta"), weights, torch.device("cpu"), torch.float32)
+    unused = {k for k in tensors if checkpoint.UNUSED.match(k)}
+    assert unused and set(read) == set(tensors) - unused

@@ -4,6 +4,7 @@ GPU: benchmarks/quack_geglu.py and bench.py measure it there)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -17,8 +18,19 @@ import torch.nn.functional as F
 from img2vid import quack_geglu
 from img2vid.models.layers import GEGLU
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gelu_fit  # noqa: E402
+
+
+def _load_fit_script():
+    """benchmarks/gelu_fit.py as a module of its own name, without putting benchmarks/ on sys.path (where its
+    other files would shadow installed packages for every later test)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gelu_fit.py"
+    spec = importlib.util.spec_from_file_location("img2vid_gelu_fit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gelu_fit = _load_fit_script()
 
 
 def erf_gelu64(x: torch.Tensor) -> torch.Tensor:

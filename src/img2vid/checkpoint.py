@@ -1,9 +1,9 @@
 """Reading SVD weights: the official single-file .safetensors, a diffusers folder, or a hub id.
 
-Everything goes through one path: a flat dict in the single-file naming (`model.diffusion_model.*`,
-`first_stage_model.*`, `conditioner.embedders.0.open_clip.model.visual.*`). Diffusers folders are
-renamed into it by one declarative table (`diffusers_key_table`). Loading is strict: every missing,
-unexpected or mis-shaped key is named in one `CheckpointError`. safetensors only; nothing is unpickled.
+Everything goes through one path: a flat dict in the single-file naming (`SINGLE_FILE`). Diffusers folders are
+renamed into it by declarative tables (`UNET_RESNET`, `VAE_TOP`, ...). Loading is strict: every missing,
+unexpected or mis-shaped key is named in one `CheckpointError`; keys no video uses (`UNUSED`) are never read.
+safetensors only; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -25,16 +25,21 @@ from .errors import CheckpointError
 
 log = logging.getLogger("img2vid")
 
-PREFIX = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "image_encoder": "conditioner.embedders.0.open_clip.model.visual.",
+# Where each part of img2vid's networks lives in the official single file: (our key prefix, file key prefix),
+# first match wins. The conditioning frame is encoded with `conditioner.embedders.3.encoder` (a whole SD VAE:
+# encoder, quant_conv, posterior mode), as the reference does; the video is decoded by `first_stage_model.decoder`.
+SINGLE_FILE = {
+    "unet": (("", "model.diffusion_model."),),
+    "vae": (
+        ("decoder.", "first_stage_model.decoder."),
+        ("encoder.", "conditioner.embedders.3.encoder.encoder."),
+        ("quant_conv.", "conditioner.embedders.3.encoder.quant_conv."),
+    ),
+    "image_encoder": (("", "conditioner.embedders.0.open_clip.model.visual."),),
 }
-# The reference's conditioning-frame encoder (`conditioner.embedders.3`) duplicates the VAE encoder and adds a
-# 1x1 `quant_conv` after it. SVD encodes the conditioning image through that quant_conv, so we keep it: it is
-# folded into the VAE encoder's conv_out at load time (a product of two linear maps; fp32 rounding only).
-QUANT_CONV = "conditioner.embedders.3.encoder.quant_conv."
-# Keys present in the official files that no part of image-to-video uses.
+# Keys of the official files that no part of image-to-video uses: never read. `first_stage_model.encoder` is the
+# first stage's own encoder, which the reference never runs to make a video; embedders.3's decoder and
+# post_quant_conv are the unused half of its SD VAE; the rest is OpenCLIP's text tower.
 _UNUSED_TEXT = (
     "positional_embedding",
     "text_projection",
@@ -43,10 +48,20 @@ _UNUSED_TEXT = (
     "ln_final.",
 )
 UNUSED = re.compile(
-    r"^conditioner\.embedders\.3\.|^conditioner\.embedders\.0\.open_clip\.model\.("
-    + "|".join(re.escape(k) for k in _UNUSED_TEXT)
-    + ")"
+    r"^first_stage_model\.encoder\."
+    r"|^conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\."
+    r"|^conditioner\.embedders\.0\.open_clip\.model\.(" + "|".join(re.escape(k) for k in _UNUSED_TEXT) + ")"
 )
+
+
+def file_key(comp: str, key: str) -> str:
+    """A key of one of img2vid's networks ("unet", "vae", "image_encoder") -> its name in the single file."""
+    for ours, theirs in SINGLE_FILE[comp]:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(f"{comp}.{key} has no place in the single-file layout")
+
+
 CONFIG_METADATA = "img2vid_config"  # safetensors metadata key of files that carry their own network sizes
 REFUSED_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 
@@ -201,6 +216,7 @@ VAE_TOP = {
     "encoder.conv_in": "encoder.conv_in",
     "encoder.conv_norm_out": "encoder.norm_out",
     "encoder.conv_out": "encoder.conv_out",
+    "quant_conv": "quant_conv",
     "decoder.conv_in": "decoder.conv_in",
     "decoder.conv_norm_out": "decoder.norm_out",
     "decoder.conv_out": "decoder.conv_out",
@@ -308,9 +324,6 @@ def _convert(comp: str, tensors: dict[str, Callable[[], torch.Tensor]], cfg: Mod
     for key, get in tensors.items():
         if DIFFUSERS_IGNORED.match(key):
             continue
-        if comp == "vae" and key.startswith("quant_conv."):
-            yield QUANT_CONV + key[len("quant_conv.") :], get
-            continue
         m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
         if comp == "image_encoder" and m:
             qkv.setdefault(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = get
@@ -320,12 +333,12 @@ def _convert(comp: str, tensors: dict[str, Callable[[], torch.Tensor]], cfg: Mod
             unknown.append(key)
             continue
         ours, op = renamed
-        yield PREFIX[comp] + ours, _transform(get, op)
+        yield file_key(comp, ours), _transform(get, op)
     for ours, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             unknown.append(f"{ours} (has only {sorted(parts)} of q, k, v)")
             continue
-        yield PREFIX[comp] + ours, (lambda p=parts: torch.cat([p["q"](), p["k"](), p["v"]()]))
+        yield file_key(comp, ours), (lambda p=parts: torch.cat([p["q"](), p["k"](), p["v"]()]))
     if unknown:
         raise CheckpointError(f"{comp}: keys with no place in img2vid's model: {', '.join(sorted(unknown))}")
 
@@ -564,13 +577,10 @@ def load_into(
 ) -> None:
     """Check every key and shape, then read tensors straight to `device`, cast there, and assign them."""
     expected = {
-        PREFIX[c] + k: (c, k, tuple(t.shape)) for c, net in nets.items() for k, t in net.state_dict().items()
+        file_key(c, k): (c, k, tuple(t.shape)) for c, net in nets.items() for k, t in net.state_dict().items()
     }
     present = set(weights.shapes)
-    has_quant = {QUANT_CONV + "weight", QUANT_CONV + "bias"} <= present
-    unexpected = sorted(
-        k for k in present - expected.keys() if not UNUSED.match(k) and not k.startswith(QUANT_CONV)
-    )
+    unexpected = sorted(k for k in present - expected.keys() if not UNUSED.match(k))
     missing = sorted(set(expected) - present)
     bad_shapes = [
         f"{k}: file {weights.shapes[k]}, model {expected[k][2]}"
@@ -599,27 +609,14 @@ def load_into(
             net.to(dtype)
         return
 
-    folded = {"encoder.conv_out.weight", "encoder.conv_out.bias"} if has_quant else set()
     state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in nets}
     for full, (comp, key, shape) in expected.items():
-        t = weights.read(
-            full, device
-        )  # one tensor at a time, cast on arrival: no full-precision copy of the model
+        # one tensor at a time, cast on arrival: no full-precision copy of the model
+        t = weights.read(full, device)
         if tuple(t.shape) != shape:
             raise CheckpointError(
                 f"{weights.description}: shape mismatch: {full}: file {tuple(t.shape)}, model {shape}"
             )
-        keep_precision = comp == "vae" and key in folded
-        state[comp][key] = t if keep_precision or not t.is_floating_point() else t.to(dtype)
-    if has_quant:
-        enc_w, enc_b = state["vae"]["encoder.conv_out.weight"], state["vae"]["encoder.conv_out.bias"]
-        # float64 on the CPU: exact to fp32 and the same bits whatever the device or memory alignment.
-        cpu = torch.device("cpu")
-        q_w = weights.read(QUANT_CONV + "weight", cpu).double().flatten(1)  # (8, 8)
-        q_b = weights.read(QUANT_CONV + "bias", cpu).double()
-        w = torch.einsum("oc,c...->o...", q_w, enc_w.to(cpu, torch.float64))
-        state["vae"]["encoder.conv_out.weight"] = w.to(device, dtype)
-        state["vae"]["encoder.conv_out.bias"] = (q_w @ enc_b.to(cpu, torch.float64) + q_b).to(device, dtype)
+        state[comp][key] = t.to(dtype) if t.is_floating_point() else t
     for comp, net in nets.items():
-        sd = state[comp]
-        net.load_state_dict(sd, strict=True, assign=True)
+        net.load_state_dict(state[comp], strict=True, assign=True)

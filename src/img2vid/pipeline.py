@@ -255,18 +255,27 @@ class Pipeline:
             )
         return Video(frames=frames, fps=p.fps_id + 1, params=params)
 
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The conditioning latent: x (N, 3, H, W) in [-1, 1], on any device -> (N, 4, H/8, W/8) float32 on this
+        pipeline's device, the posterior mode of the reference's conditioning encoder (encoder, quant_conv),
+        unscaled. H and W must be multiples of 8."""
+        with self._resident(self.vae.encoder, self.vae.quant_conv):
+            x = x.to(self.device, self.dtype).contiguous(memory_format=self._memory_format())
+            return self.vae.encode(x).float()
+
     def condition(
         self, img: torch.Tensor, cond_noise: torch.Tensor, p: GenerateParams
     ) -> dict[str, torch.Tensor]:
-        """The reference's conditioner: CLIP embedding of the clean image, VAE latent of the noised image, and
-        the vector (fps_id, motion_bucket_id, cond_aug), per frame. Unconditional inputs are zeros."""
-        T, dt = p.num_frames, self.dtype
+        """The reference's conditioner: CLIP embedding of the clean image, conditioning latent of the noised image,
+        and the vector (fps_id, motion_bucket_id, cond_aug), per frame. Unconditional inputs are zeros."""
+        T = p.num_frames
         clip_in = clip_preprocess(
             img, self.config.clip.image_size, self.config.clip.mean, self.config.clip.std
         )
-        with self._resident(self.image_encoder, self.vae.encoder):
-            context = self.image_encoder(clip_in.to(dt))[:, None]  # (1, 1, D)
-            latent = self.vae.encode((img + p.cond_aug * cond_noise).to(dt))  # (1, 4, h, w), posterior mode
+        with self._resident(self.image_encoder):
+            context = self.image_encoder(clip_in.to(self.dtype))[:, None]  # (1, 1, D)
+        latent = self.encode_image(img + p.cond_aug * cond_noise).to(self.dtype)  # (1, 4, h, w)
         vector = torch.tensor(
             [[p.fps_id, p.motion_bucket_id, p.cond_aug]], device=img.device, dtype=torch.float32
         )

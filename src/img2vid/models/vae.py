@@ -1,5 +1,9 @@
-"""The SVD autoencoder: the LDM encoder, and the temporal decoder (or the per-frame one of the
-image-decoder variants). Module names follow `first_stage_model.*` of the reference checkpoint.
+"""The SVD autoencoder: the encoder of the conditioning frame, and the temporal decoder (or the per-frame one of
+the image-decoder variants) that makes the video.
+
+The reference encodes the conditioning frame with `conditioner.embedders.3.encoder` (a whole SD VAE: encoder, then
+`quant_conv`) and decodes with `first_stage_model.decoder`; `first_stage_model.encoder` never makes a video. Module
+names follow those keys (see checkpoint.SINGLE_FILE).
 """
 
 from __future__ import annotations
@@ -206,11 +210,13 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Mode (mean) of the posterior, unscaled: what SVD concatenates to the UNet input."""
-        return self.encoder(x)[:, : self.cfg.latent_channels]
+        """Image (N, 3, H, W) in [-1, 1] -> mode (mean) of the posterior, unscaled, (N, 4, H/8, W/8): what SVD
+        concatenates to the UNet input."""
+        return self.quant_conv(self.encoder(x))[:, : self.cfg.latent_channels]
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Scaled latents (T, 4, h, w) -> frames (T, 3, H, W); num_frames = T of this chunk."""
