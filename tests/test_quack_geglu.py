@@ -19,7 +19,6 @@ from img2vid import quack_geglu
 from img2vid.models.layers import GEGLU
 
 
-
 def _load_fit_script():
     """benchmarks/gelu_fit.py as a module of its own name, without putting benchmarks/ on sys.path (where its
     other files would shadow installed packages for every later test)."""
