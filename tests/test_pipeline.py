@@ -245,12 +245,12 @@ def test_low_mode_makes_allocator_segments_expandable_unless_the_user_chose(monk
 
 def test_channels_last_weights_change_nothing():
     """The GPU layout (NHWC/NDHWC weights and inputs) must give the same numbers; checked here on the CPU."""
-    from img2vid import runtime
+    from img2vid.accel import layout
 
     a = img2vid.load("tiny", device="cpu")
     b = img2vid.load("tiny", device="cpu")
-    runtime.use_channels_last(b.unet)
-    runtime.use_channels_last(b.vae)
+    layout.to_channels_last(b.unet)
+    layout.to_channels_last(b.vae)
     assert (
         b.unet.input_blocks[1][0]
         .time_stack.in_layers[2]
@@ -297,139 +297,28 @@ def test_decode_retries_smaller_chunks_on_out_of_memory(tiny, caplog):
     assert "out of memory" in v.params["note"] and "retrying with 1" in caplog.text
 
 
-def test_compiling_block_by_block_traces_each_shape_once_without_graph_breaks():
-    """The GPU default compiles the UNet block by block (runtime.compile_network, "regions") and the decoder as
-    one graph. Checked on the CPU with Dynamo and a recording backend: every block traces into one graph
-    (fullgraph: a graph break fails), blocks of the same class and shapes share a graph, and the numbers are
-    eager mode's."""
-    from img2vid import runtime
+def test_shapes_without_artifacts_run_eagerly_then_are_built(monkeypatch, tmp_path):
+    """With the compiled path on (forced here on the CPU), a video at a new size runs eagerly and names what is
+    missing; build_missing builds exactly those (the build itself is tested in test_accel), warmup runs a step at
+    the asked size first."""
+    from img2vid.accel import compiled
 
-    pipe = img2vid.load("tiny", device="cpu")
-    x = torch.randn(6, 8, 32, 32)
-    args = (torch.zeros(6), torch.randn(6, 1, 32), torch.randn(6, 3), 3)
-    z = torch.randn(3, 4, 32, 32)
-    with torch.no_grad():
-        eager = pipe.unet(x, *args), pipe.vae.decode(z, 3)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    try:
-        assert runtime.compile_network(pipe.unet, "regions", backend=backend) is pipe.unet
-        decoder = runtime.compile_network(pipe.vae.decoder, "whole", backend=backend)
-        with torch.no_grad():
-            unet = pipe.unet(x, *args)
-            n_unet = len(graphs)
-            compiled = unet, decoder(z / pipe.config.vae.scale_factor, 3)
-            assert len(graphs) == n_unet + 1  # the whole decoder: one graph
-            again = pipe.unet(x, *args), decoder(z / pipe.config.vae.scale_factor, 3)
-        # e.g. the two transformers of a UNet level share a graph
-        assert 0 < n_unet < len(pipe.unet.compile_regions())
-        assert len(graphs) == n_unet + 1  # the second call traced nothing
-        for a, b in zip(compiled + again, eager + eager, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    finally:
-        runtime.uncompile_network(pipe.unet)
-        torch._dynamo.reset()
-    assert not any("forward" in m.__dict__ or "head" in m.__dict__ for m in pipe.unet.modules())
-
-
-def test_setup_switches_compiling_on_and_off(monkeypatch):
-    from img2vid import runtime
-
-    calls = []
-    real = runtime.compile_network
-
-    def record(net, scope):
-        calls.append((type(net).__name__, scope))
-        return real(net, scope, backend="eager")
-
-    monkeypatch.setattr(runtime, "compile_network", record)
-    pipe = img2vid.load("tiny", device="cpu")
-    assert pipe.compiled is False  # the CPU default
-    try:
-        pipe.setup("fast", compile=True)
-        assert pipe.compiled == "regions" and calls == [("UNet", "regions"), ("Decoder", "whole")]
-        assert "head" in pipe.unet.__dict__ and "forward" in pipe.unet.output_blocks[0][0].__dict__
-        pipe.setup("fast", compile=True)  # already compiled this way: nothing recompiled
-        assert len(calls) == 2
-        pipe.setup("fast", compile="whole")
-        assert pipe.compiled == "whole" and "head" not in pipe.unet.__dict__
-        assert calls[2:] == [("UNet", "whole"), ("Decoder", "whole")]
-        assert pipe.unet_forward is not pipe.unet
-        with pytest.raises(ValueError, match="'full'"):
-            pipe.setup("low", compile="full")
-        assert pipe.compiled == "whole" and pipe.memory == "fast"  # nothing changed
-        pipe.setup("fast", compile=False)
-        assert pipe.compiled is False and pipe.unet_forward is pipe.unet
-        assert pipe.decoder_forward is pipe.vae.decoder
-    finally:
-        torch._dynamo.reset()
-
-
-def test_inductor_heuristics_make_short_default_reductions_persistent(monkeypatch):
-    """runtime's heuristic: a DEFAULT-hint reduction over at most 2048 elements (the UNet's layer norms fused
-    with broadcast adds) is persistent; everything else is left to Inductor."""
-    import sympy
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-
-    from img2vid import runtime
-
-    asked = []
-
-    class Base(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction):
-            asked.append(features.hint)
-            return False
-
-    class Features:
-        def __init__(self, hint, numel):
-            self.hint, self.reduction_numel = hint, sympy.Integer(numel)
-
-        def get_reduction_hint(self):
-            return self.hint
-
-    decide = runtime.inductor_choices(Base, ReductionHint).should_use_persistent_reduction
-    D, O = ReductionHint.DEFAULT, ReductionHint.OUTER
-    assert decide(Features(D, 320), False) and decide(Features(D, 1280), False)
-    assert asked == []  # decided without asking Inductor
-    assert not decide(Features(D, 2560), False)  # longer rows: Inductor's choice (here, no)
-    assert not decide(Features(O, 320), False)  # other hints: Inductor's choice
-    assert not decide(Features(D, 320), True)  # cooperative reductions: Inductor's choice
-    assert asked == [D, O, D]
-    monkeypatch.setattr(torch._inductor.config.triton, "persistent_reductions", False)
-    assert not decide(Features(D, 320), False)  # Inductor's switch is respected
-
-
-def test_compiled_pipeline_installs_the_heuristics_in_the_generating_thread(monkeypatch):
-    """Inductor's heuristics are per thread and compiling happens in the thread that first runs the network (a
-    server's worker thread), so generate installs them there."""
-    import threading
-
-    from torch._inductor.virtualized import V
-
-    from img2vid import runtime
-
-    real = runtime.compile_network
-    monkeypatch.setattr(runtime, "compile_network", lambda net, scope: real(net, scope, backend="eager"))
-    pipe = img2vid.load("tiny", device="cpu").setup("fast", compile=True)
-    seen = {}
-
-    def work():
-        seen["before"] = type(V.choices).__name__
-        pipe.generate(np.full((256, 256, 3), 128, np.uint8), width=256, height=256, num_frames=2, num_steps=1)
-        seen["after"] = type(V.choices).__name__
-
-    try:
-        worker = threading.Thread(target=work)
-        worker.start()
-        worker.join()
-    finally:
-        pipe.setup("fast", compile=False)
-        torch._dynamo.reset()
-    assert seen == {"before": "InductorChoices", "after": "Choices"}
+    monkeypatch.setenv("IMG2VID_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "unavailable", lambda device, dtype, memory: None)
+    pipe = img2vid.load("tiny", device="cpu", accel="compiled")
+    assert pipe.accel.on("compiled") and pipe.missing_compiled() == []
+    plain = img2vid.load("tiny", device="cpu", accel="none")
+    image = np.zeros((256, 384, 3), np.uint8)
+    a = pipe.generate(image, num_frames=3, num_steps=2, seed=1, width=384, height=256)
+    b = plain.generate(image, num_frames=3, num_steps=2, seed=1, width=384, height=256)
+    assert np.array_equal(a.frames, b.frames)  # eagerly: the same numbers
+    assert pipe.missing_compiled() == ["unet 6x8x32x48", "decoder 3x4x32x48"]
+    built = []
+    monkeypatch.setattr(
+        compiled.CompiledNet, "build", lambda self, key, progress: not built.append((self.name, key[1]))
+    )
+    pipe.build_missing()
+    assert built == [("unet", 3), ("decoder", 3)]
+    built.clear()
+    pipe.warmup(width=256, height=256, num_frames=2)
+    assert [b for b in built if b[1] == 2] == [("unet", 2), ("decoder", 2)]

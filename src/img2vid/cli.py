@@ -13,6 +13,7 @@ Only the standard library and light img2vid modules are imported while parsing; 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to check (default {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_doctor)
 
+    _add_warmup_parser(sub)
     from .server.main import add_serve_parser  # sets func=run_serve; FastAPI is imported only when serving
 
     add_serve_parser(sub)
@@ -195,10 +197,11 @@ def _add_generate_parser(sub) -> None:
         default="auto",
         help="fast: all on the GPU; low: for small GPUs, same result; auto: by free memory (default)",
     )
+    _add_accel_options(r)
     r.add_argument(
-        "--no-compile",
+        "--timings",
         action="store_true",
-        help="do not torch.compile the UNet and VAE decoder (faster start, slower run)",
+        help="print where the time went at the end (process start, imports, loading, each phase, writing)",
     )
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--quiet", action="store_true", help="no progress or loading messages")
@@ -568,6 +571,34 @@ def _runtime_error(e: BaseException, label: str | None = None) -> None:
 # Commands
 
 
+class Timeline:
+    """Moments of one command, in seconds since the process started (Linux; elsewhere since main())."""
+
+    def __init__(self):
+        self.start = time.perf_counter() - _process_age()
+        self.marks: dict[str, float] = {}
+        self.videos: list[dict] = []
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.perf_counter() - self.start, 3)
+
+    def as_json(self) -> str:
+        return json.dumps({"marks": self.marks, "videos": self.videos})
+
+
+def _process_age() -> float:
+    """How long ago this process started, from /proc (10 ms resolution); 0 where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # seconds after boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+TIMELINE = Timeline()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     global _active
     # 1. Values and paths: nothing heavy happens before all of them are known to be right.
@@ -613,16 +644,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     # 3. The model, once.
+    TIMELINE.mark("arguments checked")
     import img2vid
 
+    TIMELINE.mark("torch imported")
     started = time.perf_counter()
     pipe = img2vid.load(
         args.model,
         device=args.device,
         dtype=dtype,
         memory=memory,
-        compile=False if args.no_compile else None,
+        accel=_accel_choice(args),
     )
+    TIMELINE.mark("model loaded")
     dtype_name = str(pipe.dtype).removeprefix("torch.")
     mode = getattr(pipe, "memory", memory)
     reason = getattr(pipe, "memory_reason", "")
@@ -664,6 +698,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 progress.clear()
             _active = None
         made += 1
+        TIMELINE.mark(f"video {i} written")
+        TIMELINE.videos.append(video.params.get("timings", {}))
         play = fps if fps is not None else video.fps
         print(
             f"wrote {path}: {video.num_frames} frames, {video.width}x{video.height}, {play:g} fps, "
@@ -671,7 +707,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
             flush=True,
         )
     _report(failures, made, several)
+    if made and not runtime_failed:
+        _compile_after(args, pipe)
+    TIMELINE.mark("end")
+    if args.timings:
+        print(f"{PROG}: timings {TIMELINE.as_json()}", file=sys.stderr, flush=True)
     return EXIT_RUNTIME if runtime_failed else EXIT_BAD_INPUT if bad else EXIT_OK
+
+
+def _add_warmup_parser(sub) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="compile for this GPU now, so that later videos of a size start fast",
+        description="Load the model, run one denoising step at the given size and frame count, and build the "
+        "compiled artifacts that are missing for them (minutes for the full-size networks, once per GPU, torch "
+        "version, dtype and size; kept in img2vid's cache). `generate` builds them after its videos anyway; "
+        "this does it ahead of time, e.g. when a machine is set up.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model preset, file, folder or hub id (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--size", metavar="WxH", help="video size (default: the model's, 1024x576)")
+    p.add_argument("--frames", type=int, help="frame count (default: the model's)")
+    p.add_argument("--device", help="e.g. cuda:1 (default: cuda)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default fp16 on CUDA")
+    p.add_argument("--memory", default="auto", choices=MEMORY_MODES, help="memory mode to compile for")
+    _add_accel_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.set_defaults(func=cmd_warmup)
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    width, height = parse_size(args.size) if args.size else (None, None)
+    import img2vid
+
+    pipe = img2vid.load(
+        args.model, device=args.device, dtype=args.dtype, memory=args.memory, accel=_accel_choice(args)
+    )
+    if not pipe.accel.on("compiled"):
+        _error(f"nothing to compile: {pipe.accel.paths['compiled']}")
+        return EXIT_BAD_INPUT
+    built = pipe.warmup(width, height, args.frames, progress=lambda text: _info(args, text))
+    _info(args, f"{built} artifact(s) built; videos of this size now start fast")
+    return EXIT_OK
+
+
+def _add_accel_options(r) -> None:
+    r.add_argument(
+        "--accel",
+        metavar="PATHS",
+        default=None,
+        help="fast paths: auto (every one that can run here, the default), none, or a comma-separated list of "
+        "channels_last, flash_attention, quack_geglu, compiled (see img2vid doctor)",
+    )
+    r.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="never compile: run the networks eagerly and build no compiled artifacts",
+    )
+
+
+def _accel_choice(args: argparse.Namespace):
+    """--accel, less `compiled` with --no-compile; None: the default (IMG2VID_ACCEL, else auto)."""
+    if not getattr(args, "no_compile", False):
+        return args.accel
+    from .accel import without_compiled
+
+    return without_compiled(args.accel)
+
+
+def _compile_after(args: argparse.Namespace, pipe) -> None:
+    """After the videos are written: compile the shapes that ran eagerly, so that later runs load them."""
+    missing = pipe.missing_compiled()
+    if not missing or pipe.compiled_backend() != "aot":  # torch.compile's graphs would die with this process
+        return
+    print(
+        f"{PROG}: compiling for this GPU so that later runs at this size are faster (once, a few minutes; "
+        "Ctrl-C skips it, the videos are kept; --no-compile never does this): " + ", ".join(missing),
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        pipe.build_missing(progress=lambda text: _info(args, text))
+        TIMELINE.mark("compiled after")
+    except KeyboardInterrupt:
+        print(f"{PROG}: compiling skipped; the next run compiles again", file=sys.stderr, flush=True)
 
 
 def _report(failures: list[str], made: int, several: bool) -> None:
@@ -796,16 +919,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         dtype = str(default_dtype(device)).removeprefix("torch.")
         out.append(("  default device", f"{device}, {dtype}"))
         out.append(("  memory mode (auto)", f"{mode} ({why})"))
-        from . import flash_attention, frame_attention, gate_gemm, quack_geglu
+        from . import accel
 
-        out.append(("  fused GEGLU kernel", gate_gemm.status(device, default_dtype(device))))
-        for name, module in (
-            ("temporal attention kernel", frame_attention),
-            ("FlashAttention-4", flash_attention),
-            ("GEGLU as one quack GEMM", quack_geglu),
-        ):
-            reason = module.unavailable_reason(device, default_dtype(device))
-            out.append((f"  {name}", "on" if reason is None else f"off: {reason}"))
+        for line in accel.availability(device, default_dtype(device), mode).lines():
+            out.append((f"  {line.split(': ', 1)[0]}", line.split(": ", 1)[1]))
+        folder = accel.compiled.cache_root() / "compiled"
+        artifacts = list(folder.glob("*.pt2")) if folder.is_dir() else []
+        size = sum(p.stat().st_size for p in artifacts) / 2**20
+        out.append(("  compiled artifacts", f"{len(artifacts)} in {folder} ({size:.0f} MiB)"))
         return out
 
     def _video():
@@ -855,6 +976,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]) and return the exit status."""
     global _active
+    TIMELINE.mark("main")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

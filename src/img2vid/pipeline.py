@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__ as _version
-from . import checkpoint, flash_attention, frame_attention, gate_gemm, quack_geglu, runtime, sampling
+from . import accel, checkpoint, runtime, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
 from .image import prepare_image, to_tensor
@@ -50,65 +50,68 @@ class Pipeline:
             net.eval().requires_grad_(False)
         self.device, self.dtype, self.source = device, dtype, source
         self.memory, self.memory_reason = "fast", "default"
-        self.compiled = False
-        self.fused_geglu = "off"  # set by setup: gate_gemm.enable's answer
-        self.frame_attention = "off"  # and frame_attention.enable's
-        self.flash_attention = "off"  # and flash_attention.enable's
-        self.gated_gemm = "off"  # and quack_geglu.enable's (fast mode only)
-        self.unet_forward = self.unet  # replaced by the compiled UNet when compiling
-        self.decoder_forward = self.vae.decoder  # and the compiled decoder
+        self.memory_format = torch.contiguous_format  # of network inputs; channels_last sets its own
+        self.accel = accel.Report()
+        self.unet_forward = self.unet  # the compiled path replaces these two
+        self.decoder_forward = self.vae.decoder
 
-    def setup(
-        self, memory: str = "fast", reason: str = "as asked", compile: bool | str | None = None
-    ) -> Pipeline:
-        """Choose how to run on this device (see img2vid.runtime): memory "fast" or "low"; compile the UNet and
-        the VAE decoder (default: on CUDA; True or "regions": the UNet block by block, "whole": the UNet as one
-        graph; the decoder is one graph either way). Called by `load`; call again to switch."""
-        cuda = self.device.type == "cuda"
-        compile = cuda if compile is None else compile
-        scope = "regions" if compile is True else compile or None
-        if scope is not None and scope not in runtime.COMPILE_SCOPES:
-            raise ValueError(
-                f"compile must be True, False or one of {runtime.COMPILE_SCOPES}, got {compile!r}"
-            )
+    def setup(self, memory: str = "fast", reason: str = "as asked", fast_paths="auto") -> Pipeline:
+        """Place the networks for the memory mode ("fast" or "low", see img2vid.memory) and apply the fast paths
+        (img2vid.accel: "auto", "none" or a list of names). Called once, by `load`."""
         self.memory, self.memory_reason = memory, reason
-        if self._memory_format() == torch.channels_last:
-            # Half precision only: that is where NHWC tensor-core convolutions were measured. The fp32 reference
-            # runs of the benchmark stalled with NDHWC 3-D convolutions (suspected slow fallback; see RESULTS.md).
-            runtime.use_channels_last(self.unet)
-            runtime.use_channels_last(self.vae)
-        if cuda:
+        self.accel = accel.apply(self, fast_paths)
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
-            self.fused_geglu = gate_gemm.enable(self.device, self.dtype)  # fp16 on Hopper; see gate_gemm.py
-            self.frame_attention = frame_attention.enable(self.device, self.dtype)  # Triton, fp16
-            self.flash_attention = flash_attention.enable(self.device, self.dtype)  # where installed
-            # GEGLU as one GEMM, where installed; its interleaved weights are a copy, so not in low-memory mode
-            self.gated_gemm = (
-                quack_geglu.enable(self.device, self.dtype) if memory == "fast" else "off: low memory"
-            )
-        quack_geglu.prepare(self.unet, on=self.gated_gemm == "on")
+            self.accel.settings.append("torch.backends.cudnn.benchmark=True")
         if self.offloading:
-            runtime.use_expandable_segments()
+            if runtime.use_expandable_segments():
+                self.accel.settings.append("CUDA allocator: expandable_segments (low memory mode)")
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
             runtime.offload(self.image_encoder)
             runtime.offload(self.vae)
-        elif cuda:
+        elif self.device.type == "cuda":
             runtime.onload(self.image_encoder, self.device)
             runtime.onload(self.vae, self.device)
-        # No CUDA graphs: on an H200 they made the compiled UNet call only 1.0% faster while their private memory
-        # pool added 3.6 GiB to the reserved peak of a generation (benchmarks/RESULTS.md, runs 9 and 12).
-        if scope != self.compiled:
-            runtime.uncompile_network(self.unet)
-            self.unet_forward, self.decoder_forward = self.unet, self.vae.decoder
-            if scope:
-                runtime.enable_compile_cache()
-                runtime.use_inductor_heuristics()
-                self.unet_forward = runtime.compile_network(self.unet, scope)
-                # The decoder is always one graph: compiled block by block, a 14-frame decode peaked 2 GiB
-                # higher (RESULTS.md, runs 18-19 against run 20).
-                self.decoder_forward = runtime.compile_network(self.vae.decoder, "whole")
-            self.compiled = scope or False
+        log.info("fast paths: %s", "; ".join(self.accel.lines()))
         return self
+
+    def compiled_backend(self) -> str | None:
+        """"aot" (artifacts on disk, loaded in seconds), "jit" (torch.compile in this process), or None."""
+        f = self.unet_forward
+        return f.backend() if isinstance(f, accel.compiled.CompiledNet) else None
+
+    def missing_compiled(self) -> list[str]:
+        """The network shapes this pipeline ran eagerly for want of a compiled artifact."""
+        nets = [
+            f for f in (self.unet_forward, self.decoder_forward) if isinstance(f, accel.compiled.CompiledNet)
+        ]
+        return [f"{f.name} {'x'.join(map(str, spec[0][0]))}" for f in nets for spec, _ in f.missing.values()]
+
+    def warmup(
+        self,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        progress: Callable[[str], None] = log.info,
+    ) -> int:
+        """Make later videos of this size and frame count start fast: run one denoising step (eagerly where no
+        artifact exists yet) and build what is missing. Returns how many artifacts were built."""
+        import numpy as np
+
+        size = (height or 576, width or 1024) if width or height else (576, 1024)
+        self.generate(np.full((*size, 3), 127, np.uint8), num_frames=num_frames, num_steps=1, seed=0,
+                      width=width, height=height)  # fmt: skip
+        return self.build_missing(progress)
+
+    def build_missing(self, progress: Callable[[str], None] = log.info) -> int:
+        """Compile every shape that ran eagerly (minutes for the full-size networks): later calls run compiled,
+        and with the artifact backend later processes too. Returns how many shapes were compiled."""
+        built = 0
+        for f in (self.unet_forward, self.decoder_forward):
+            if isinstance(f, accel.compiled.CompiledNet):
+                with self._resident(f.net):
+                    built += sum(f.build(key, progress) for key in list(f.missing))
+        return built
 
     @property
     def offloading(self) -> bool:
@@ -177,8 +180,6 @@ class Pipeline:
         The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
         """
-        if self.compiled:
-            runtime.use_inductor_heuristics()  # per thread: a server's worker thread compiles on first use
         d = self.config.defaults
         if num_steps is None:
             num_steps = d.num_steps if sigmas is None else len(sigmas) - 1
@@ -199,6 +200,8 @@ class Pipeline:
             decode_chunk_size=self.default_decode_chunk() if decode_chunk_size is None else decode_chunk_size,
         ).validate()
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        mark = _phase_clock(self.device if self.device.type == "cuda" else None, timings)
         pil = prepare_image(image, p.width, p.height, p.fit)
         W, H = pil.size
         T, dev = p.num_frames, self.device
@@ -216,7 +219,9 @@ class Pipeline:
         noise = _given(noise, lat_shape, "noise", dev, drawn_noise)
 
         img = to_tensor(pil).to(dev)[None]  # (1, 3, H, W) in [-1, 1]
+        mark("prepare")
         cond = self.condition(img, cond_noise[None], p)
+        mark("conditioning")
         if sigmas is None:
             sigmas = sampling.edm_sigmas(p.num_steps)
         sigmas = sigmas.to(dev, torch.float32)
@@ -224,13 +229,17 @@ class Pipeline:
         denoise = self.denoiser(cond, scales, T)
 
         def on_step(step: int, total: int, x: torch.Tensor) -> None:
+            if step == 1:
+                mark("first_step")
             if callback is not None and callback(step, total, x) is False:
                 raise Cancelled(f"stopped by the callback after step {step} of {total}")
 
         x = sampling.initial_latents(noise, sigmas)
         latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
+        mark("sampling")
         frames, chunk = self.decode(latents, p.decode_chunk_size)
         frames = to_uint8(frames)
+        mark("decoding")
         params = {
             "model": self.name,
             **p.as_dict(),
@@ -241,6 +250,7 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": dev.type,
             "seconds": round(time.perf_counter() - started, 3),
+            "timings": timings,
             "img2vid": _version,
         }
         if chunk != d.decode_chunk_size and decode_chunk_size is None and chunk == p.decode_chunk_size:
@@ -261,7 +271,7 @@ class Pipeline:
         pipeline's device, the posterior mode of the reference's conditioning encoder (encoder, quant_conv),
         unscaled. H and W must be multiples of 8."""
         with self._resident(self.vae.encoder, self.vae.quant_conv):
-            x = x.to(self.device, self.dtype).contiguous(memory_format=self._memory_format())
+            x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             return self.vae.encode(x).float()
 
     def condition(
@@ -293,7 +303,7 @@ class Pipeline:
         one, so the unconditional half is skipped."""
         guided = bool((scales != 1).any())
         T, dt = num_frames, self.dtype
-        fmt = self._memory_format()
+        fmt = self.memory_format
         uncond = {k: v if k == "vector" else torch.zeros_like(v) for k, v in cond.items()}
         if not guided:
             batches = [cond]
@@ -326,8 +336,6 @@ class Pipeline:
 
         The temporal decoder mixes the frames of a chunk, so the chunk changes the video. On CUDA out-of-memory
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
-        if self.compiled:
-            runtime.use_inductor_heuristics()
         low = self.offloading
         if low:  # the UNet's weights make room for the decoder's full-resolution activations
             runtime.offload(self.unet)
@@ -338,13 +346,8 @@ class Pipeline:
             if low:
                 runtime.onload(self.unet, self.device)
 
-    def _memory_format(self) -> torch.memory_format:
-        """The layout of network inputs: channels-last where setup() made the weights channels-last."""
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        return torch.channels_last if self.device.type == "cuda" and half else torch.contiguous_format
-
     def _decode_chunks(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
-        fmt = self._memory_format()
+        fmt = self.memory_format
         while True:
             try:
                 parts = []
@@ -368,6 +371,21 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
+
+
+def _phase_clock(cuda: torch.device | None, timings: dict[str, float]) -> Callable[[str], None]:
+    """mark(name): the seconds since the previous mark (since this call for the first), into timings[name]. On a
+    GPU it waits for the queued work first, so each phase is charged with its own kernels."""
+    last = [time.perf_counter()]
+
+    def mark(name: str) -> None:
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)
+        now = time.perf_counter()
+        timings[name] = round(now - last[0], 3)
+        last[0] = now
+
+    return mark
 
 
 def to_uint8(frames: torch.Tensor):
@@ -425,14 +443,15 @@ def load(
     dtype: torch.dtype | str | None = None,
     variant: str | None = None,
     memory: str = "auto",
-    compile: bool | str | None = None,
+    accel: str | list[str] | None = None,
 ) -> Pipeline:
     """Load SVD from a preset name, a hub id, a single .safetensors file or a diffusers folder.
 
     Networks are built on the meta device, every key is checked, and tensors are read straight to `device`
     and cast there. `variant` forces the preset used for defaults and decoder (e.g. "svd-xt-1-1").
-    `memory` is "auto", "fast" or "low" (see img2vid.runtime); `compile` (default: on CUDA) compiles the UNet
-    and the VAE decoder (see Pipeline.setup).
+    `memory` is "auto", "fast" or "low" (see img2vid.runtime). `accel` picks the fast paths: "auto" (every one
+    that can run here; the default, or IMG2VID_ACCEL), "none", or a list of names (see img2vid.accel);
+    `Pipeline.accel` reports which run and why.
     """
     memory_mode, memory_reason = runtime.choose_memory_mode(
         torch.device(device) if device is not None else default_device(), memory
@@ -459,4 +478,4 @@ def load(
         nets = build(resolved.config, "meta")
         checkpoint.load_into(nets, resolved, device, dtype)
         cfg, source_text = resolved.config, resolved.description
-    return Pipeline(cfg, nets, device, dtype, source=source_text).setup(memory_mode, memory_reason, compile)
+    return Pipeline(cfg, nets, device, dtype, source=source_text).setup(memory_mode, memory_reason, accel)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import frame_attention
 from ..config import UNetConfig
 from .layers import (
     Attention,
@@ -107,27 +106,16 @@ class TemporalTransformerBlock(nn.Module):
         self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: (B*T, S, C) tokens of each frame; context: (B, M, D), one per video.
-
-        The reference transposes x to (B*S, T, C) sequences, one per pixel, and back. Only the self-attention
-        reads across frames, and every other step acts on each token alone, so with the frame attention kernel
-        (img2vid/frame_attention.py; CUDA, fp16) x stays in frame order with no transposes: on an
-        H100, 0.45% off an SVD-XT UNet call and 1.2% off a whole generation (benchmarks/RESULTS.md, runs 46
-        and 48). Without it the transposes stay: the plain attention needs the sequences, and copying them just
-        around it made the call 1.7% slower (run 45)."""
+        """x: (B*T, S, C) tokens of each frame; context: (B, M, D), one per video. As the reference, attends
+        across the frames of each pixel: x is transposed to (B*S, T, C) sequences and back."""
         BT, S, C = x.shape
-        in_place = frame_attention.applies(x, self.attn1.heads, num_frames)
-        if not in_place:
-            x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
+        x = x.unflatten(0, (-1, num_frames)).transpose(1, 2).reshape(-1, num_frames, C)  # (B*S, T, C)
         x = self.ff_in(self.norm_in(x)) + x
-        h = self.norm1(x)
-        x = (self.attn1.across_frames(h, num_frames) if in_place else self.attn1(h)) + x
-        v = x.reshape(context.shape[0], -1, C)  # the tokens of each video, in either order
+        x = self.attn1(self.norm1(x)) + x
+        v = x.reshape(context.shape[0], -1, C)  # (B, S*T, C): the tokens of each video
         x = (cross_attend(self.attn2, self.norm2, v, context) + v).view(x.shape)
         x = self.ff(self.norm3(x)) + x
-        if not in_place:
-            x = x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
-        return x
+        return x.unflatten(0, (-1, S)).transpose(1, 2).reshape(BT, S, C)
 
 
 class SpatialVideoTransformer(nn.Module):
@@ -255,15 +243,6 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def compile_regions(self) -> list[tuple[nn.Module, str]]:
-        """(module, method) pairs that runtime.compile_network compiles one by one: nearly all of the work, in
-        a few distinct shapes (the five transformers of a level are one compiled graph)."""
-        blocks = (VideoResBlock, SpatialVideoTransformer, Upsample)
-        return [(m, "forward") for m in self.modules() if isinstance(m, blocks)] + [(self, "head")]
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(h)
-
     def embed_vector(self, values: torch.Tensor) -> torch.Tensor:
         """(N, 3) fps_id, motion_bucket_id, cond_aug -> (N, 768): a sinusoid of each, concatenated."""
         N, K = values.shape
@@ -289,4 +268,4 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context, num_frames)
         for block in self.output_blocks:
             h = block(h, emb, context, num_frames, skip=hs.pop())
-        return self.head(h)
+        return self.out(h)

@@ -31,9 +31,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_workers(
-    model: str, device=None, dtype=None, memory: str = "auto", compile=None
-) -> list[LocalWorker]:
+def _accel_choice(args):
+    if not args.no_compile:
+        return args.accel
+    from ..accel import without_compiled
+
+    return without_compiled(args.accel)
+
+
+def make_workers(model: str, device=None, dtype=None, memory: str = "auto", accel=None) -> list[LocalWorker]:
     """One LocalWorker per GPU when no device is named, else one on `device`; each loads in the background."""
     import img2vid
 
@@ -46,9 +52,7 @@ def make_workers(
         devices = [device]
     return [
         LocalWorker(
-            load=functools.partial(
-                img2vid.load, model, device=d, dtype=dtype, memory=memory, compile=compile
-            ),
+            load=functools.partial(img2vid.load, model, device=d, dtype=dtype, memory=memory, accel=accel),
             name=model,
         )
         for d in devices
@@ -64,7 +68,7 @@ def serve(
     device=None,
     dtype=None,
     memory: str = "auto",
-    compile: bool | None = None,
+    accel=None,
     max_queue: int = 100,
     max_upload_mb: float = 20,
     log_level: str = "info",
@@ -89,7 +93,7 @@ def serve(
         raise Img2VidError(str(e)) from None
     except OSError as e:
         raise Img2VidError(f"cannot use data directory {data_dir}: {e}") from None
-    workers = make_workers(model, device, dtype, memory, compile)
+    workers = make_workers(model, device, dtype, memory, accel)
     app = create_app(
         data_dir,
         workers,
@@ -138,7 +142,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="fast: all on the GPU; low: fits about 6 GiB; auto: by free VRAM (default)",
     )
     p.add_argument(
-        "--no-compile", action="store_true", help="do not torch.compile (faster start, slower jobs)"
+        "--no-compile", action="store_true", help="never compile: eager networks, no compiled artifacts"
+    )
+    p.add_argument(
+        "--accel", metavar="PATHS", help="fast paths: auto (default), none, or a list (see generate)"
     )
     p.add_argument("--max-queue", type=int, default=100, help="queued jobs before POST answers 429")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload in MB")
@@ -156,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         memory=args.memory,
-        compile=False if args.no_compile else None,
+        accel=_accel_choice(args),
         max_queue=args.max_queue,
         max_upload_mb=args.max_upload_mb,
         log_level=args.log_level,

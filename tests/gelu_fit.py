@@ -1,5 +1,5 @@
-"""Fits the polynomial behind img2vid's erf GELU for fused GEMM epilogues (src/img2vid/quack_geglu.py); CPU only:
-    python benchmarks/gelu_fit.py --degree 9
+"""Fits the polynomial behind img2vid's erf GELU for fused GEMM epilogues (src/img2vid/accel/quack_geglu.py); CPU only:
+    python tests/gelu_fit.py --degree 9
 
 With Phi the standard normal CDF and s = |x|, the epilogue computes
     Phi(-s) = 2 ** p(s),   p(s) = -1 + c1 s + c2 s^2 + ... + cn s^n   (p(0) = log2(1/2) exactly)

@@ -1,0 +1,297 @@
+"""compiled: the UNet and the VAE decoder compiled by Inductor, per input shape: AOTInductor artifacts built once
+and loaded in seconds, or, where this torch cannot load them, torch.compile in the process.
+
+An artifact is one network exported (torch.export) at one input shape and compiled ahead of time by Inductor into
+a package of kernels (torch._inductor.aoti_compile_and_package). It holds no weights: they are inputs of every
+call, as under torch.compile, so nothing of them can be folded into the artifact, any checkpoint of the same
+architecture uses it, and low-memory mode may move them between calls.
+
+Artifacts live under `cache_root()/compiled` (default ~/.cache/img2vid; IMG2VID_CACHE or XDG_CACHE_HOME move it),
+one file per network and shape, named by a digest of everything that changes the compiled code: the GPU and its
+compute capability, the torch and CUDA versions, img2vid's version and the source of its networks and fast paths,
+the network's sizes, the dtype, the input shapes and strides, and the other fast paths in use. A change to any of
+them simply makes a new file; delete the folder to reclaim the space.
+
+A shape without an artifact runs eagerly and is remembered (`missing`); `build_missing` compiles those (minutes
+for the full-size UNet), which `img2vid generate` does after writing its videos, `img2vid serve` between jobs and
+`img2vid warmup` on demand. A shape whose build failed runs eagerly from then on, and the reason is kept beside
+the artifact.
+
+Whether this torch can load AOTInductor packages on this GPU is checked once, before the first build: a tiny
+package is built and loaded in a separate process, so that a crash there (seen with torch 2.11 on an H200) cannot
+take the caller down. Where it cannot, the backend is "jit": `build` compiles with torch.compile in this process
+(Inductor keeps its kernels on disk, so later processes compile faster), which pays off in a long-lived process
+such as the server; a one-video command then stays eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("img2vid")
+
+NAME = "compiled"
+
+
+def cache_root() -> Path:
+    """img2vid's cache folder: IMG2VID_CACHE, else $XDG_CACHE_HOME/img2vid, else ~/.cache/img2vid."""
+    if os.environ.get("IMG2VID_CACHE"):
+        return Path(os.environ["IMG2VID_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "img2vid"
+
+
+def unavailable(device: torch.device, dtype: torch.dtype, memory: str) -> str | None:
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    if not hasattr(torch._inductor, "aoti_load_package"):
+        return f"needs torch >= 2.6 with AOTInductor packages (this is {torch.__version__})"
+    return None
+
+
+def apply(pipe, report) -> None:
+    cuda = pipe.device.type == "cuda"
+    context = {
+        "img2vid": _source_digest(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(pipe.device) if cuda else platform.machine(),
+        "capability": list(torch.cuda.get_device_capability(pipe.device)) if cuda else None,
+        "dtype": str(pipe.dtype),
+        "accel": sorted(n for n, s in report.paths.items() if s == "on"),
+    }
+    folder = cache_root() / "compiled"
+    pipe.unet_forward = CompiledNet("unet", pipe.unet, {**context, "net": asdict(pipe.config.unet)}, folder)
+    pipe.decoder_forward = CompiledNet(
+        "decoder", pipe.vae.decoder, {**context, "net": asdict(pipe.config.vae)}, folder
+    )
+
+
+def aot_probe(device: torch.device) -> str | None:
+    """None if AOTInductor packages load and run here (this torch, this GPU), else why not; checked once, the
+    answer kept in the cache folder."""
+    facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.executable}
+    if device.type == "cuda":
+        facts["device"] = torch.cuda.get_device_name(device)
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    record = cache_root() / "compiled" / f"aot-probe-{digest}.json"
+    if record.is_file():
+        return json.loads(record.read_text())["unusable"]
+    unusable = _probe(device)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({**facts, "unusable": unusable}))
+    return unusable
+
+
+_PROBE = """
+import sys, torch
+m = torch._inductor.aoti_load_package(sys.argv[1], device_index={index})
+x = torch.ones(4, 8, device="{device}")
+assert torch.allclose(m(x), x @ torch.full((8, 8), 0.5, device="{device}").t()), "wrong result"
+"""
+
+
+def _probe(device: torch.device) -> str | None:
+    import subprocess
+
+    net = nn.Linear(8, 8, bias=False).to(device)
+    nn.init.constant_(net.weight, 0.5)
+    index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        try:
+            ep = torch.export.export(net, (torch.ones(4, 8, device=device),), strict=False)
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "probe.pt2"))
+        except Exception as e:
+            return f"building a package failed: {type(e).__name__}: {e}"
+        code = _PROBE.format(index=index, device=device.type)
+        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+    return f"loading a package failed with torch {torch.__version__} ({how}: {last[-200:]})"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """img2vid's version and a digest of the code that makes the graphs (models/ and accel/), once a process."""
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("models/*.py"), *root.glob("accel/*.py")]):
+        h.update(path.name.encode() + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:16]}"
+
+
+class _Functional(nn.Module):
+    """net(*tensors, num_frames) with the network's parameters and buffers as the first inputs: the exported graph
+    owns no weights. The network is held outside the module tree, so export lifts none of its tensors."""
+
+    def __init__(self, net: nn.Module, num_frames: int):
+        super().__init__()
+        self.held = [net]
+        self.names = [n for n, _ in _state(net)]
+        self.num_frames = num_frames
+
+    def forward(self, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(self.names, weights, strict=True))
+        return torch.func.functional_call(self.held[0], state, (*tensors, self.num_frames))
+
+
+def _state(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `net` (non-persistent ones too), in a fixed order."""
+    return [*net.named_parameters(), *((n, b) for n, b in net.named_buffers() if b is not None)]
+
+
+Spec = tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]  # (shape, stride, dtype) per input tensor
+
+
+def _example(shape, stride, dtype: str, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """A random tensor of this shape and these strides (which may overlap: expanded inputs)."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    base = torch.randn(size, generator=gen, device=device)
+    return base.to(getattr(torch, dtype.removeprefix("torch."))).as_strided(shape, stride)
+
+
+class CompiledNet:
+    """Calls `net(*tensors, num_frames)` through the compiled code of its input shape where there is some, else
+    eagerly (and remembers the shape in `missing`)."""
+
+    def __init__(self, name: str, net: nn.Module, context: dict, folder: Path):
+        self.name, self.net, self.context, self.folder = name, net, context, folder
+        self.loaded: dict[tuple, Callable] = {}
+        self.missing: dict[tuple, tuple[Spec, int]] = {}
+        self.weights = [t for _, t in _state(net)]  # the same objects whatever device their data is on
+        self._paths: dict[tuple, Path] = {}
+        self._unloadable: set[tuple] = set()
+        self._jit = None  # torch.compile of the network, once the jit backend compiled a shape
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        *tensors, num_frames = tensors
+        tensors = [t.contiguous() if 0 in t.stride() else t for t in tensors]  # expanded inputs: real memory
+        spec = tuple((tuple(t.shape), tuple(t.stride()), str(t.dtype)) for t in tensors)
+        key = (spec, num_frames)
+        run = self.loaded.get(key) or self._load(key)  # another process may have built it meanwhile
+        if run is None:
+            self.missing.setdefault(key, (spec, num_frames))
+            return self.net(*tensors, num_frames)
+        return run(*tensors)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device if self.weights else torch.device("cpu")
+
+    def backend(self) -> str:
+        """ "aot" (artifacts on disk) where this torch loads AOTInductor packages, else "jit" (torch.compile)."""
+        return "jit" if aot_probe(self.device) else "aot"
+
+    def path(self, key: tuple) -> Path:
+        if key not in self._paths:
+            spec, num_frames = key
+            digest = hashlib.sha256(
+                json.dumps({**self.context, "spec": spec, "num_frames": num_frames}, sort_keys=True).encode()
+            ).hexdigest()[:20]
+            shape = "x".join(map(str, spec[0][0]))
+            self._paths[key] = self.folder / f"{self.name}-{shape}-{digest}.pt2"
+        return self._paths[key]
+
+    def _load(self, key: tuple) -> Callable | None:
+        path = self.path(key)  # exists only where the probe found packages loadable
+        if key in self._unloadable or not path.is_file():
+            return None
+        t = time.perf_counter()
+        device = self.device
+        index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
+        try:
+            model = torch._inductor.aoti_load_package(str(path), device_index=index)
+        except Exception as e:  # a damaged file: eager, and a rebuild replaces it
+            log.warning("%s: could not load %s (%s); running eagerly", self.name, path, e)
+            self._unloadable.add(key)
+            return None
+        self.loaded[key] = run = functools.partial(_run_aot, model, self.weights)
+        self.missing.pop(key, None)
+        log.info("%s: loaded %s in %.2f s", self.name, path.name, time.perf_counter() - t)
+        return run
+
+    def failed_reason(self, key: tuple) -> str | None:
+        note = self.path(key).with_suffix(".failed")
+        return note.read_text() if note.is_file() else None
+
+    def build(self, key: tuple, progress: Callable[[str], None] = log.info) -> bool:
+        """Compile the network at `key`'s shape, so that this process's later calls (and, with the aot backend,
+        later processes') run compiled. Returns whether that worked; a failure is kept beside the artifact and
+        that shape runs eagerly."""
+        spec, num_frames = key
+        path = self.path(key)
+        if key in self.loaded or (path.is_file() and key not in self._unloadable):
+            return True
+        if self.failed_reason(key) is not None:
+            return False
+        device = self.device
+        gen = torch.Generator(device).manual_seed(0)
+        example = tuple(_example(shape, stride, dt, device, gen) for shape, stride, dt in spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = self.backend()
+        t = time.perf_counter()
+        shapes = " ".join("x".join(map(str, s)) for s, _, _ in spec)
+        progress(
+            f"compiling the {self.name} for {shapes} ({'artifact' if backend == 'aot' else 'torch.compile'})"
+        )
+        try:
+            with torch.no_grad():
+                if backend == "aot":
+                    self._build_aot(path, example, num_frames)
+                else:
+                    self._build_jit(key, example, num_frames)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("%s: compiling failed (%s); that shape runs eagerly", self.name, reason)
+            with contextlib.suppress(OSError):
+                path.with_suffix(".failed").write_text(reason)
+            return False
+        progress(f"compiled the {self.name} in {time.perf_counter() - t:.0f} s")
+        self.missing.pop(key, None)
+        self._unloadable.discard(key)
+        return True
+
+    def _build_aot(self, path: Path, example: tuple, num_frames: int) -> None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            args = ([t.detach() for t in self.weights], *example)
+            ep = torch.export.export(_Functional(self.net, num_frames), args, strict=False)
+            os.replace(
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / path.name)), path
+            )
+
+    def _build_jit(self, key: tuple, example: tuple, num_frames: int) -> None:
+        if self._jit is None:
+            # One compiled function, a graph per shape. Dynamo's defaults (8 graphs per code object) would quietly
+            # send the ninth shape back to eager mode.
+            dynamo = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+            self._jit = torch.compile(self.net, fullgraph=True, dynamic=False)
+        self._jit(*example, num_frames)
+        self.loaded[key] = functools.partial(_run_jit, self._jit, num_frames)
+
+
+def _run_aot(model, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    return model(weights, *tensors)
+
+
+def _run_jit(fn, num_frames: int, *tensors: torch.Tensor) -> torch.Tensor:
+    return fn(*tensors, num_frames)
