@@ -361,7 +361,7 @@ def test_compiled_net_runs_eagerly_until_built_then_loads_and_follows_moved_weig
     later = compiled.CompiledNet("small", net, {"test": 1}, tmp_path)
     torch.testing.assert_close(later(x, s, 2), expect, rtol=1e-5, atol=1e-5)
     assert later.loaded and not later.missing
-    with torch.no_grad():  # new tensors, as runtime.offload/onload make them
+    with torch.no_grad():  # new tensors, as memory.offload/onload make them
         for p in net.parameters():
             p.data = torch.randn_like(p)
     torch.testing.assert_close(later(x, s, 2), net(x, s, 2), rtol=1e-5, atol=1e-5)

@@ -292,3 +292,55 @@ def test_keys_no_video_uses_are_never_read(tmp_path):
     checkpoint.load_into(build(weights.config, "meta"), weights, torch.device("cpu"), torch.float32)
     unused = {k for k in tensors if checkpoint.UNUSED.match(k)}
     assert unused and set(read) == set(tensors) - unused
+
+
+HUB_SCRIPT = """
+import json, sys, time
+from img2vid import checkpoint
+from img2vid.errors import CheckpointError
+t0 = time.monotonic()
+try:
+    checkpoint.hub_resolve(sys.argv[1], sys.argv[2] or None)
+except CheckpointError as e:
+    print(json.dumps({"error": str(e), "seconds": time.monotonic() - t0}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("repo", "filename"),
+    [("someone/an-svd", ""), ("stabilityai/stable-video-diffusion-img2vid-xt", "svd_xt.safetensors")],
+)
+def test_an_unreachable_hub_fails_at_once_with_the_clear_message(tmp_path, repo, filename):
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path),
+    }  # nothing listens on 9
+    for name in (
+        "HF_HUB_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, repo, filename],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.stdout.splitlines()[-1])
+    what = f"{repo}/{filename}" if filename else repo
+    assert result["error"] == (
+        f"{what} is not in the local huggingface_hub cache and the hub (http://127.0.0.1:9) could not be "
+        "reached; check the connection, or pass a local .safetensors file or folder"
+    )
+    assert result["seconds"] < 10  # generous: a refused connection answers in milliseconds

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import img2vid
-from img2vid import cli, runtime
+from img2vid import cli, memory
 from img2vid.config import PRESETS
 
 FAST = ["--model", "tiny", "--size", "256x256", "--frames", "3", "--steps", "2"]
@@ -208,6 +208,11 @@ def test_existing_outputs_in_a_folder_run_are_skipped(tmp_path, image, capsys, n
         (["--seeds", "1,,2"], "--seeds: expected comma-separated integers"),
         (["--seeds", "3,3"], "--seeds: 3 is given twice"),
         (["--fps", "0"], "--fps: must be a positive number"),
+        (["--fps", "0.0001"], "--fps: must be between 0.01 and 1000, got '0.0001'"),
+        (["--fps", "1e308"], "--fps: must be between 0.01 and 1000, got '1e308'"),
+        (["--device", "meta"], "--device meta: img2vid runs on cpu, cuda or mps"),
+        (["-o", "v" * 252 + ".mp4"], "is 256 bytes long; file names can have at most 255"),
+        (["--overwrite", "-o", "/dev/full"], "/dev/full is a device, pipe or socket, not a regular file"),
         (["--dtype", "fp8"], "--dtype: must be one of fp16, bf16, fp32"),
         (["--memory", "huge"], "--memory: must be one of auto, fast, low"),
         (["--format", "avi"], "--format: must be one of mp4, webm, gif, webp, png"),
@@ -420,8 +425,8 @@ def test_python_dash_m(monkeypatch, capsys):
     assert img2vid.__version__ in capsys.readouterr().out
 
 
-def test_memory_modes_match_runtime():
-    assert cli.MEMORY_MODES == runtime.MODES
+def test_memory_modes_match_the_memory_module():
+    assert cli.MEMORY_MODES == memory.MODES
 
 
 def test_serve_is_hooked_up(capsys):
@@ -434,3 +439,78 @@ def test_help_is_fast_and_complete(capsys):
     out = capsys.readouterr().out
     for flag in ("--frames", "--fps-id", "--motion", "--seeds", "--size", "--decode-chunk", "--no-compile"):
         assert flag in out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 19: checked before generating; SIGTERM cleans up like Ctrl-C
+
+
+def test_unwritable_output_folder_fails_before_loading(tmp_path, image, capsys, no_load, monkeypatch):
+    import errno
+    import os
+
+    real_open = os.open
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(path, flags, *args):  # root ignores permission bits: the refusal is simulated
+        if flags & os.O_CREAT and str(path).startswith(str(out)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert cli.main(["generate", str(image), *FAST, "-o", str(out / "x.mp4")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"img2vid: error: cannot write {out / 'x.mp4'}: Permission denied ({out})"
+
+
+def test_a_long_legal_name_is_written(tmp_path, image, capsys):
+    name = "v" * 251 + ".mp4"  # 255 bytes, the longest name; its temporary must fit too
+    assert cli.main(["generate", str(image), *FAST, "-o", str(tmp_path / name), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name, name])
+
+
+SIGTERM_SCRIPT = """
+import pathlib, sys, time
+from img2vid import cli, video
+
+def stalled_write(tmp, kind, frames, rate, text):
+    tmp.write_bytes(b"half a video")
+    pathlib.Path(sys.argv[1]).write_text(str(tmp))  # tell the test: the temporary exists now
+    time.sleep(120)
+
+video._write_av = stalled_write
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_removes_the_half_written_output(tmp_path, image):
+    import signal
+    import time
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    argv = ["generate", str(image), *FAST, "-o", str(out / "x.mp4"), "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(ready), *argv], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120  # a hang guard only
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    assert Path(ready.read_text()).exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    assert proc.stderr.read().strip() == "img2vid: terminated"
+    assert list(out.iterdir()) == []  # no hidden .x.mp4.*.tmp left behind
+
+
+def test_a_size_the_memory_cannot_hold_is_a_clear_error_exit_2(tmp_path, image, capsys, monkeypatch):
+    from img2vid import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 300 * 2**20)
+    out = tmp_path / "x.mp4"
+    assert cli.main(["generate", str(image), *FAST, "--size", "2048x2048", "-o", str(out), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("img2vid: error: width, height, num_frames: 2048x2048 with 3 frames needs about ")
+    assert line.endswith("free on the cpu: try a smaller size or fewer frames")
+    assert list(tmp_path.iterdir()) == [image]

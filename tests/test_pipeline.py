@@ -230,7 +230,7 @@ def test_low_memory_mode_gives_the_same_video(tiny):
 def test_low_mode_makes_allocator_segments_expandable_unless_the_user_chose(monkeypatch, env, changed):
     """Low mode asks PyTorch's CUDA allocator for expandable segments (fixed ones fragmented an 8 GB budget), but
     never overrides an allocator configuration the user set. The CUDA side is replaced by a recorder here."""
-    from img2vid import runtime
+    from img2vid import memory
 
     for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(k, raising=False)
@@ -239,7 +239,7 @@ def test_low_mode_makes_allocator_segments_expandable_unless_the_user_chose(monk
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
-    assert runtime.use_expandable_segments() is changed
+    assert memory.use_expandable_segments() is changed
     assert calls == (["expandable_segments:True"] if changed else [])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -452,6 +453,15 @@ def test_serve_refuses_a_public_bind_without_a_token(tmp_path, monkeypatch):
         serve(host="0.0.0.0", port=1, data_dir=tmp_path)
 
 
+def test_serve_refuses_a_device_it_does_not_have_before_starting(tmp_path):
+    from img2vid.errors import Img2VidError
+    from img2vid.server import serve
+
+    with pytest.raises(Img2VidError, match="--device meta: img2vid runs on cpu, cuda or mps"):
+        serve(port=1, data_dir=tmp_path / "data", device="meta")
+    assert not (tmp_path / "data").exists()
+
+
 def test_host_and_origin_checks(tmp_path):
     with client(tmp_path, allowed_hosts={"127.0.0.1", "localhost"}) as c:
         assert c.get("/v1/jobs").status_code == 400  # Host: testserver, as a rebinding attack would send
@@ -501,3 +511,224 @@ def test_page_and_assets_are_served(tmp_path):
         assert c.get("/app.js").headers["content-type"].startswith("text/javascript")
         assert c.get("/style.css").headers["content-type"].startswith("text/css")
         assert "/v1/jobs" in c.get("/openapi.json").json()["paths"]
+
+
+# -- issue 19: every failure ends the job and says why ---------------------------------------------------
+
+
+def _fail_writes(monkeypatch, suffix: str, err: int):
+    """Writes to files ending in `suffix` put a few bytes down, then fail with `err` (a full or read-only
+    disk, simulated)."""
+    import errno
+    import os
+    import pathlib
+
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if not self.name.endswith(suffix):
+            return real(self, data)
+        real(self, data[:10])  # a partial file, as a write cut short leaves
+        raise OSError(err, os.strerror(err), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    return errno.errorcode[err]
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EACCES"])
+def test_a_failed_video_write_fails_the_job_and_the_worker_goes_on(tmp_path, monkeypatch, err):
+    import errno
+
+    result = JobResult(video=b"an mp4" * 100, params={}, fps=7.0)
+    with client(tmp_path, ScriptedWorker([result, result])) as c:
+        name = _fail_writes(monkeypatch, ".part", getattr(errno, err))
+        job = wait(c, submit(c).json()["id"])
+        assert job["status"] == "failed", job
+        folder = tmp_path / "jobs" / job["id"]
+        assert job["error"].startswith(f"writing the video failed: {folder / 'out.mp4.part'}: ")
+        assert job["error"].endswith(f"({name})")
+        assert sorted(p.name for p in folder.iterdir()) == ["input.png"]  # no partial file left
+        assert c.get(f"/v1/jobs/{job['id']}/video").status_code == 404
+        monkeypatch.undo()
+        assert wait(c, submit(c).json()["id"])["status"] == "succeeded"  # the worker went on
+
+
+def test_a_failed_write_inside_the_worker_fails_the_job_with_the_path(tmp_path, monkeypatch, pipe):
+    import errno
+
+    def encode_then_run_out_of_space(tmp, kind, frames, rate, text):
+        tmp.write_bytes(b"half an mp4")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with client(tmp_path, pipeline=pipe) as c:
+        monkeypatch.setattr("img2vid.video._write_av", encode_then_run_out_of_space)
+        job = wait(c, submit(c).json()["id"])
+        assert job["status"] == "failed", job
+        assert job["error"].startswith("could not read or write a file: ")
+        assert job["error"].endswith(".tmp: No space left on device (ENOSPC)")
+        leftover = job["error"].removeprefix("could not read or write a file: ").split(": ")[0]
+        assert not os.path.exists(leftover)  # the worker's partial mp4 is gone
+
+
+def test_progress_that_cannot_be_recorded_is_logged_once(tmp_path, pipe, monkeypatch, caplog):
+    import sqlite3
+
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with client(tmp_path, pipeline=pipe) as c:
+        monkeypatch.setattr(JobStore, "set_progress", full)
+        with caplog.at_level("WARNING", logger="img2vid.server"):
+            job = wait(c, submit(c, num_steps=4).json()["id"])
+    assert job["status"] == "succeeded"
+    progress = [r for r in caplog.records if "recording progress failed" in r.getMessage()]
+    assert len(progress) == 1 and progress[0].exc_info is None
+
+
+def test_cancel_ends_a_running_job_that_no_worker_holds(tmp_path):
+    with client(tmp_path) as c:
+        job_id = submit(c).json()["id"]
+        c.app.state.ctx.store.claim_next()  # "running", as a slot that died mid-job would leave it
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        r = c.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "canceled"
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "canceled"
+
+
+def test_out_of_disk_space_refuses_new_jobs_with_507_and_readyz_says_why(tmp_path, monkeypatch, pipe):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    with client(tmp_path, pipeline=pipe, min_free_mb=100) as c:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30, 5 * 2**20))
+        r = submit(c)
+        assert r.status_code == 507
+        assert r.json()["detail"].startswith("out of disk space: 5 MB free in ")
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == r.json()["detail"]
+        assert c.get("/v1/jobs").json()["total"] == 0
+        monkeypatch.undo()
+        assert c.get("/readyz").status_code == 200
+        assert submit(c).status_code == 202
+        responses = c.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]["responses"]
+        assert {"202", "413", "415", "422", "429", "503", "507"} <= set(responses)
+
+
+@pytest.mark.parametrize(("err", "status"), [("ENOSPC", 507), ("EACCES", 503)])
+def test_a_failed_upload_write_is_refused_cleanly_never_500(tmp_path, monkeypatch, err, status):
+    import errno
+
+    with client(tmp_path) as c:
+        name = _fail_writes(monkeypatch, "input.png", getattr(errno, err))
+        r = submit(c)
+        assert r.status_code == status, r.text
+        assert (
+            r.json()["detail"].startswith("storing the upload failed: ") and f"({name})" in r.json()["detail"]
+        )
+        monkeypatch.undo()
+        assert c.get("/v1/jobs").json()["total"] == 0
+        assert list((tmp_path / "jobs").iterdir()) == []  # no job folder, no partial image
+
+
+def test_queue_limit_holds_under_concurrent_uploads(tmp_path):
+    with client(tmp_path, max_queue=10) as c:  # no workers: jobs stay queued
+        for _ in range(8):
+            assert submit(c).status_code == 202
+        big = png(1024, 1024, noise=True)  # ~3 MB each: the uploads overlap while they are read
+        barrier = threading.Barrier(16)
+        codes = []
+
+        def post():
+            barrier.wait()
+            codes.append(submit(c, big).status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE_S)
+        assert sorted(codes) == [202] * 2 + [429] * 14
+        assert c.get("/v1/jobs").json()["total"] == 10
+
+
+def test_uploads_are_decoded_a_few_at_a_time(tmp_path, monkeypatch):
+    from img2vid.server import upload
+
+    real, lock, now, most = upload.load_image, threading.Lock(), [0], [0]
+
+    def counting_load(data):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.2)  # hold the decoded image a while, as a large one would take
+        try:
+            return real(data)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(upload, "load_image", counting_load)
+    with client(tmp_path) as c:
+        threads = [threading.Thread(target=submit, args=(c,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE_S)
+        assert c.get("/v1/jobs").json()["total"] == 8
+    assert most[0] == 2
+
+
+def test_huge_offsets_are_refused_not_500(tmp_path):
+    with client(tmp_path) as c:
+        r = c.get("/v1/jobs", params={"offset": 2**63})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "offset"]
+        r = c.get("/v1/jobs", params={"offset": 2**63 - 1})
+        assert r.status_code == 200 and r.json()["jobs"] == []
+
+
+def test_a_job_too_large_for_the_memory_is_refused_422_naming_the_fields(tmp_path, pipe, monkeypatch):
+    from img2vid import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 300 * 2**20)
+    with client(tmp_path, LocalWorker(pipe)) as c:  # the worker measures its memory when ready
+        r = submit(c, width=2048, height=2048)
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["field"] == "width" and body["fields"] == ["width", "height", "num_frames"]
+        assert body["detail"].startswith("width, height, num_frames: 2048x2048 with 3 frames needs about ")
+        assert c.get("/v1/jobs").json()["total"] == 0
+        assert wait(c, submit(c).json()["id"])["status"] == "succeeded"  # a small one fits
+
+
+def test_a_job_that_no_longer_fits_when_it_runs_fails_with_the_reason(tmp_path, pipe, monkeypatch):
+    from img2vid import memory
+
+    with client(tmp_path, LocalWorker(pipe)) as c:
+        monkeypatch.setattr(memory, "free_bytes", lambda device: 300 * 2**20)  # memory taken meanwhile
+        job = wait(c, submit(c, width=2048, height=2048).json()["id"])
+        assert job["status"] == "failed" and job["progress"]["step"] == 0
+        assert job["error"].startswith("width, height, num_frames: 2048x2048 with 3 frames needs about ")
+        monkeypatch.undo()
+        assert wait(c, submit(c).json()["id"])["status"] == "succeeded"
+
+
+def test_a_worker_process_that_dies_fails_only_its_job(tmp_path):
+    from process_helpers import tiny_in_300_mb_that_dies_on_seed_666
+
+    from img2vid.server import ProcessWorker
+
+    with client(tmp_path, ProcessWorker(tiny_in_300_mb_that_dies_on_seed_666, name="tiny")) as c:
+        killed = wait(c, submit(c, seed=666).json()["id"])
+        assert killed["status"] == "failed" and killed["attempts"] == 1
+        assert killed["error"] == (
+            "the worker process died while running this job "
+            "(killed by SIGKILL, as the kernel does when memory runs out)"
+        )
+        job = wait(c, submit(c, seed=1).json()["id"])  # waits while a new process loads the model
+        assert job["status"] == "succeeded" and job["progress"] == {"step": 2, "total": 2}
+        assert c.get("/readyz").status_code == 200 and c.get("/v1/model").json()["model"] == "tiny"
+        assert c.get(job["video_url"]).status_code == 200
+        # The worker process told the server how much memory it has: a job it cannot hold is refused.
+        r = submit(c, width=2048, height=2048)
+        assert r.status_code == 422 and r.json()["fields"] == ["width", "height", "num_frames"]

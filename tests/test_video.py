@@ -251,3 +251,72 @@ def test_metadata_absent_or_foreign(tmp_path):
     still = tmp_path / "still.webp"
     Image.new("RGB", (8, 8)).save(still)
     assert read_metadata(still) == {}
+
+
+# -- issue 19: refused up front, never a device, no temporary left -----------------------------------------
+
+
+@pytest.mark.parametrize("fps", [0.0001, 0.009, 1000.5, 1e308])
+def test_fps_outside_the_range_every_format_stores_is_refused(tmp_path, fps):
+    for name in ["v.mp4", "v.gif", "v.webp", "frames"]:
+        with pytest.raises(Img2VidError, match=r"fps must be between 0\.01 and 1000, got"):
+            write_video(tmp_path / name, gradient(t=2), fps)
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("fps", [0.01, 1000])
+def test_fps_at_the_ends_of_the_range_is_written(tmp_path, fps):
+    for name in ["v.mp4", "v.webm", "v.gif", "v.webp", "frames"]:
+        write_video(tmp_path / name, gradient(t=2), fps)
+    assert read_av(tmp_path / "v.mp4")[1] == Fraction(fps).limit_denominator(1001)
+
+
+def test_a_long_legal_name_is_written_the_temporary_name_is_cut_to_fit(tmp_path):
+    name = "v" * 251 + ".mp4"  # 255 bytes: the most a file name may have
+    video_mod.check_output(tmp_path / name)
+    write_video(tmp_path / name, gradient(t=2), 7)
+    assert listing(tmp_path) == [name]
+    with pytest.raises(Img2VidError, match="is 256 bytes long; file names can have at most 255"):
+        video_mod.check_output(tmp_path / ("v" + name))
+
+
+def test_overwrite_never_replaces_a_device_or_a_link(tmp_path):
+    with pytest.raises(Img2VidError, match="/dev/full is a device, pipe or socket, not a regular file"):
+        video_mod.check_output("/dev/full", overwrite=True)
+    os.mkfifo(tmp_path / "pipe")  # a stand-in for a device node: writing the test's way cannot harm /dev
+    for name in ["pipe", "pipe.mp4"]:
+        os.replace(tmp_path / listing(tmp_path)[0], tmp_path / name)
+        with pytest.raises(Img2VidError, match="pipe(.mp4)? is a device, pipe or socket, not a regular file"):
+            write_video(tmp_path / name, gradient(t=2), 7, overwrite=True)
+        assert listing(tmp_path) == [name] and not (tmp_path / name).is_file()
+    os.unlink(tmp_path / "pipe.mp4")
+    target = tmp_path / "precious.txt"
+    target.write_text("keep")
+    (tmp_path / "v.mp4").symlink_to(target)
+    with pytest.raises(Img2VidError, match="is a symbolic link, not a regular file"):
+        write_video(tmp_path / "v.mp4", gradient(t=2), 7, overwrite=True)
+    assert (tmp_path / "v.mp4").is_symlink() and listing(tmp_path) == ["precious.txt", "v.mp4"]
+
+
+def test_check_output_finds_an_unwritable_folder_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT and str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    video_mod.check_output(tmp_path / "new" / "deeper" / "v.mp4")  # missing folders are made later
+    assert listing(tmp_path) == []
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(
+        Img2VidError, match=rf"cannot write {tmp_path}/v\.mp4: Permission denied \({tmp_path}\)"
+    ):
+        video_mod.check_output(tmp_path / "v.mp4")
+    with pytest.raises(Img2VidError, match="cannot write .*/new/v.mp4: Permission denied"):
+        video_mod.check_output(tmp_path / "new" / "v.mp4")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Img2VidError, match="file is not a folder"):
+        video_mod.check_output(tmp_path / "file" / "v.mp4")

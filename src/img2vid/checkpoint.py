@@ -490,25 +490,53 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def hub_resolve(repo_id: str, filename: str | None) -> Path:
-    """Download (or find in the huggingface_hub cache) a single file, or the diffusers parts of a repo."""
+    """Download (or find in the huggingface_hub cache) a single file, or the diffusers parts of a repo.
+
+    When the hub cannot be reached (a TCP connection to it fails within 3 s) only the cache is read, so
+    an offline machine gets the answer at once instead of after huggingface_hub's retries (~30 s)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
     try:
         import huggingface_hub as hf
+        from huggingface_hub import constants
         from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise CheckpointError(
             f"huggingface_hub is needed to fetch {repo_id}: pip install huggingface_hub"
         ) from e
+
+    def reachable(url: str, seconds: float = 3.0) -> bool:
+        proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+        if any(os.environ.get(k) for k in proxies):
+            return True  # only the proxy knows the way: let huggingface_hub try
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        connected = threading.Event()
+
+        def connect():  # on a thread, so that a DNS lookup that hangs is bounded too
+            try:
+                socket.create_connection((parts.hostname, port), timeout=seconds).close()
+                connected.set()
+            except (OSError, ValueError):
+                pass
+
+        threading.Thread(target=connect, daemon=True).start()
+        return connected.wait(seconds)
+
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    cache_only = offline or not reachable(constants.ENDPOINT)
     try:
         if filename:
-            return Path(hf.hf_hub_download(repo_id, filename, local_files_only=offline))
+            return Path(hf.hf_hub_download(repo_id, filename, local_files_only=cache_only))
         patterns = ["model_index.json", "*/config.json", "unet/*.safetensors*", "vae/*.safetensors*"]
         patterns.append("image_encoder/*.safetensors*")
-        return Path(hf.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+        return Path(hf.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=cache_only))
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then log in "
-            "(`huggingface-cli login`) or set HF_TOKEN."
+            "(`hf auth login`) or set HF_TOKEN."
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
@@ -518,9 +546,10 @@ def hub_resolve(repo_id: str, filename: str | None) -> Path:
         what = f"{repo_id}/{filename}" if filename else repo_id
         hint = (
             "HF_HUB_OFFLINE is set; unset it to download, or fetch it on a connected machine with "
-            f"`huggingface-cli download {repo_id}{' ' + filename if filename else ''}`"
+            f"`hf download {repo_id}{' ' + filename if filename else ''}`"
             if offline
-            else "the hub could not be reached; check the connection, or pass a local .safetensors file or folder"
+            else f"the hub ({constants.ENDPOINT}) could not be reached; check the connection, or pass a local "
+            ".safetensors file or folder"
         )
         raise CheckpointError(f"{what} is not in the local huggingface_hub cache and {hint}") from None
     except OSError as e:

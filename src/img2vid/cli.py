@@ -6,7 +6,8 @@
 
 Every value is checked (with img2vid.params.check, the validator the Python API and the server use) before the
 model loads, and every output path before any generation starts. Exit codes: 0 success; 2 bad input or usage
-(including an existing output without --overwrite); 1 a run-time failure (out of memory, ...); 130 Ctrl-C.
+(including an existing output without --overwrite, or a size the free memory cannot hold); 1 a run-time failure
+(out of memory, ...); 130 Ctrl-C; 143 SIGTERM (both remove any half-written output).
 Only the standard library and light img2vid modules are imported while parsing; torch comes in with the model.
 """
 
@@ -19,9 +20,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -50,7 +53,7 @@ FLAGS = {
     "fit": "--fit",
     "decode_chunk_size": "--decode-chunk",
 }
-EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 class UsageError(Img2VidError):
@@ -102,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generate_parser(sub) -> None:
-    svd_xt = PRESETS[DEFAULT_MODEL].defaults
     p = sub.add_parser(
         "generate",
         help="turn an image (or a folder of images) into videos",
@@ -129,6 +131,14 @@ def _add_generate_parser(sub) -> None:
         f"folder or a hub id (default {DEFAULT_MODEL})",
     )
     g = p.add_argument_group("generation")
+    _add_sampling_options(g)
+    _add_picture_options(g)
+    _add_runtime_options(p.add_argument_group("runtime"))
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_sampling_options(g) -> None:
+    svd_xt = PRESETS[DEFAULT_MODEL].defaults
     g.add_argument(
         "--frames",
         metavar="N",
@@ -140,7 +150,9 @@ def _add_generate_parser(sub) -> None:
         help=_range_help("num_steps", f"the model's ({svd_xt.num_steps} for {DEFAULT_MODEL})"),
     )
     g.add_argument("--fps-id", metavar="N", help=_range_help("fps_id", "6"))
-    g.add_argument("--fps", metavar="F", help="playback frame rate of the file only (default: --fps-id + 1)")
+    g.add_argument(
+        "--fps", metavar="F", help="playback frame rate of the file only, 0.01-1000 (default: --fps-id + 1)"
+    )
     g.add_argument("--motion", metavar="N", help=_range_help("motion_bucket_id", "127"))
     g.add_argument("--cond-aug", metavar="X", help=_range_help("cond_aug", "0.02"))
     g.add_argument(
@@ -161,6 +173,9 @@ def _add_generate_parser(sub) -> None:
     g.add_argument(
         "--sampler", metavar="{" + ",".join(CHOICES["sampler"]) + "}", help="sampler (default euler)"
     )
+
+
+def _add_picture_options(g) -> None:
     seeds = g.add_mutually_exclusive_group()
     seeds.add_argument("--seed", metavar="N", help="random seed (default: a random one, printed)")
     seeds.add_argument("--seeds", metavar="N,N,...", help="several seeds: one video per seed and image")
@@ -175,14 +190,15 @@ def _add_generate_parser(sub) -> None:
         metavar="{" + ",".join(CHOICES["fit"]) + "}",
         help="crop the image to the video's shape, or pad it with black bars (default crop)",
     )
+    chunk = PRESETS[DEFAULT_MODEL].defaults.decode_chunk_size
     g.add_argument(
         "--decode-chunk",
         metavar="N",
-        help=_range_help(
-            "decode_chunk_size", f"the model's ({svd_xt.decode_chunk_size} for {DEFAULT_MODEL})"
-        ),
+        help=_range_help("decode_chunk_size", f"the model's ({chunk} for {DEFAULT_MODEL})"),
     )
-    r = p.add_argument_group("runtime")
+
+
+def _add_runtime_options(r) -> None:
     r.add_argument(
         "--device", metavar="DEV", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)"
     )
@@ -206,7 +222,6 @@ def _add_generate_parser(sub) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--quiet", action="store_true", help="no progress or loading messages")
     r.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    p.set_defaults(func=cmd_generate)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -308,6 +323,10 @@ def parse_fps(text: str | None) -> float | None:
         raise UsageError(f"--fps: must be a number, got {text!r}") from None
     if not (math.isfinite(fps) and fps > 0):
         raise UsageError(f"--fps: must be a positive number, got {text!r}")
+    from .video import MAX_FPS, MIN_FPS
+
+    if not MIN_FPS <= fps <= MAX_FPS:  # what every format stores faithfully (see video.py)
+        raise UsageError(f"--fps: must be between {MIN_FPS:g} and {MAX_FPS:g}, got {text!r}")
     return fps
 
 
@@ -371,6 +390,11 @@ def _format_of(path: str) -> str:
 
 def plan(args: argparse.Namespace, seeds: list[int | None], fmt: str | None) -> tuple[list[Job], str]:
     """The jobs of this run and their output format. Raises UsageError for a missing input and the like."""
+    from .video import check_name_length
+
+    for given in (args.input, args.output):
+        if given is not None:
+            check_name_length(given)  # before any stat() of it, which would fail with ENAMETOOLONG
     src = Path(args.input)
     if not src.exists():
         raise UsageError(f"{src}: no such file or folder")
@@ -433,7 +457,8 @@ def _check_codec(fmt: str) -> None:
             )
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
+    """Raise UsageError unless `device` names a device this machine has (None: the default, always)."""
     if device is None:
         return
     import torch
@@ -449,6 +474,28 @@ def _check_device(device: str | None) -> None:
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise UsageError(f"--device {device}: there are only {n} GPU(s) (cuda:0 to cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS (Apple GPU) is not available; use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: img2vid runs on cpu, cuda or mps")
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool) -> list[tuple[Job, str | None]]:
+    """Each job with why its output cannot be written (exists, not a regular file, name too long, folder
+    not writable), or None when it can."""
+    from .video import OutputExistsError, check_output
+
+    checked = []
+    for job in jobs:
+        try:
+            check_output(job.output, overwrite=overwrite)
+            checked.append((job, None))
+        except OutputExistsError:
+            checked.append((job, f"{job.output} already exists: use --overwrite to replace it"))
+        except Img2VidError as e:
+            checked.append((job, str(e)))
+    return checked
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -599,36 +646,68 @@ def _process_age() -> float:
 TIMELINE = Timeline()
 
 
+@dataclass
+class _Run:
+    """One `generate` command: its checked values, its jobs, and how they went."""
+
+    kwargs: dict  # for Pipeline.generate
+    fps: float | None
+    jobs: list[Job]
+    several: bool  # a folder or several seeds: report a summary at the end
+    failures: list[str] = field(default_factory=list)  # one message each, naming the file
+    bad_input: bool = False
+    runtime_failed: bool = False
+    made: int = 0
+
+    def fail(self, message: str) -> None:
+        self.bad_input = True
+        _error(message)
+        self.failures.append(message)
+
+    def exit_status(self) -> int:
+        return EXIT_RUNTIME if self.runtime_failed else EXIT_BAD_INPUT if self.bad_input else EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    global _active
-    # 1. Values and paths: nothing heavy happens before all of them are known to be right.
+    run = _checked_run(args)
+    _drop_unusable(args, run)
+    if run.jobs:
+        pipe = _load_model(args)
+        total_steps = run.kwargs.get("num_steps") or pipe.defaults["num_steps"]
+        for i, job in enumerate(run.jobs, 1):
+            if not _make_video(args, run, pipe, job, i, total_steps):
+                break
+        if run.made and not run.runtime_failed:
+            _compile_after(args, pipe)
+    _report(run.failures, run.made, run.several)
+    TIMELINE.mark("end")
+    if args.timings:
+        print(f"{PROG}: timings {TIMELINE.as_json()}", file=sys.stderr, flush=True)
+    return run.exit_status()
+
+
+def _checked_run(args: argparse.Namespace) -> _Run:
+    """Every value and the output plan, checked: nothing heavy happens before all of them are right."""
     kwargs = generate_kwargs(args)
     seeds = parse_seeds(args)
     fps = parse_fps(args.fps)
     fmt = _choice("--format", args.format, OUTPUT_FORMATS)
-    dtype = _choice("--dtype", args.dtype, DTYPES)
-    memory = _choice("--memory", args.memory, MEMORY_MODES)
+    args.dtype = _choice("--dtype", args.dtype, DTYPES)
+    args.memory = _choice("--memory", args.memory, MEMORY_MODES)
     jobs, fmt = plan(args, seeds, fmt)
     _check_codec(fmt)
-    _check_device(args.device)
-    several = len(jobs) > 1 or Path(args.input).is_dir()
+    check_device(args.device)
+    return _Run(kwargs, fps, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
 
-    failures: list[str] = []  # one message each, naming the file
-    bad = runtime_failed = False
 
-    def fail(message: str) -> None:
-        nonlocal bad
-        bad = True
-        _error(message)
-        failures.append(message)
-
-    # 2. Outputs that exist, and images that cannot be read: reported now, not after a model load.
+def _drop_unusable(args: argparse.Namespace, run: _Run) -> None:
+    """Outputs that cannot be written and images that cannot be read: reported now, not after a model load."""
     ready = []
-    for job in jobs:
-        if (job.output.exists() or job.output.is_symlink()) and not args.overwrite:
-            fail(f"{job.output} already exists: use --overwrite to replace it")
-        else:
+    for job, problem in _check_outputs(run.jobs, args.overwrite):
+        if problem is None:
             ready.append(job)
+        else:
+            run.fail(problem)
     from .image import load_image  # imports torch: only now that the arguments are known to be right
 
     unreadable = set()
@@ -637,13 +716,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             load_image(image).close()
         except ImageError as e:
             unreadable.add(image)
-            fail(str(e))
-    jobs = [job for job in ready if job.image not in unreadable]
-    if not jobs:
-        _report(failures, 0, several)
-        return EXIT_BAD_INPUT
+            run.fail(str(e))
+    run.jobs = [job for job in ready if job.image not in unreadable]
 
-    # 3. The model, once.
+
+def _load_model(args: argparse.Namespace):
     TIMELINE.mark("arguments checked")
     import img2vid
 
@@ -652,13 +729,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = img2vid.load(
         args.model,
         device=args.device,
-        dtype=dtype,
-        memory=memory,
+        dtype=args.dtype,
+        memory=args.memory,
         accel=_accel_choice(args),
     )
     TIMELINE.mark("model loaded")
     dtype_name = str(pipe.dtype).removeprefix("torch.")
-    mode = getattr(pipe, "memory", memory)
+    mode = getattr(pipe, "memory", args.memory)
     reason = getattr(pipe, "memory_reason", "")
     _info(
         args,
@@ -666,53 +743,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
         + (f" ({reason})" if reason else "")
         + f", in {_duration(time.perf_counter() - started)}",
     )
-    total_steps = kwargs.get("num_steps") or pipe.defaults["num_steps"]
+    return pipe
 
-    # 4. One video per job.
-    made = 0
-    for i, job in enumerate(jobs, 1):
-        label = f"[{i}/{len(jobs)}] {job.label}" if len(jobs) > 1 else job.label
-        progress = None if args.quiet else Progress(label, total_steps)
-        _active = progress
-        t0 = time.perf_counter()
-        try:
-            video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **kwargs)
-            path = video.save(job.output, overwrite=args.overwrite, fps=fps)
-        except Img2VidError as e:  # a bad image, an output that appeared meanwhile, ...
-            if args.debug:
-                raise
-            fail(str(e))
-            continue
-        except Exception as e:
-            if args.debug:
-                raise
-            _runtime_error(e, job.label if several else None)
-            failures.append(f"{job.label}: {type(e).__name__}: {_first_line(e)}")
-            runtime_failed = True
-            left = len(jobs) - i
-            if left:  # out of memory or a broken device: the next ones would fail the same way
-                print(f"{PROG}: stopping; {left} video(s) not made", file=sys.stderr, flush=True)
-            break
-        finally:
-            if progress is not None:
-                progress.clear()
-            _active = None
-        made += 1
-        TIMELINE.mark(f"video {i} written")
-        TIMELINE.videos.append(video.params.get("timings", {}))
-        play = fps if fps is not None else video.fps
-        print(
-            f"wrote {path}: {video.num_frames} frames, {video.width}x{video.height}, {play:g} fps, "
-            f"seed {video.params.get('seed', job.seed)}, {time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
-    _report(failures, made, several)
-    if made and not runtime_failed:
-        _compile_after(args, pipe)
-    TIMELINE.mark("end")
-    if args.timings:
-        print(f"{PROG}: timings {TIMELINE.as_json()}", file=sys.stderr, flush=True)
-    return EXIT_RUNTIME if runtime_failed else EXIT_BAD_INPUT if bad else EXIT_OK
+
+def _make_video(args: argparse.Namespace, run: _Run, pipe, job: Job, i: int, total_steps: int) -> bool:
+    """Generate and write one job's video; False when the run must stop (a run-time failure)."""
+    global _active
+    label = f"[{i}/{len(run.jobs)}] {job.label}" if len(run.jobs) > 1 else job.label
+    progress = None if args.quiet else Progress(label, total_steps)
+    _active = progress
+    t0 = time.perf_counter()
+    try:
+        video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **run.kwargs)
+        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps)
+    except Img2VidError as e:  # a bad image, too large for the memory, an output that appeared meanwhile
+        if args.debug:
+            raise
+        run.fail(str(e))
+        return True
+    except Exception as e:
+        if args.debug:
+            raise
+        _stop_after(e, run, job, len(run.jobs) - i)
+        return False
+    finally:
+        if progress is not None:
+            progress.clear()
+        _active = None
+    run.made += 1
+    TIMELINE.mark(f"video {i} written")
+    TIMELINE.videos.append(video.params.get("timings", {}))
+    play = run.fps if run.fps is not None else video.fps
+    print(
+        f"wrote {path}: {video.num_frames} frames, {video.width}x{video.height}, {play:g} fps, "
+        f"seed {video.params.get('seed', job.seed)}, {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    return True
+
+
+def _stop_after(e: Exception, run: _Run, job: Job, left: int) -> None:
+    _runtime_error(e, job.label if run.several else None)
+    run.failures.append(f"{job.label}: {type(e).__name__}: {_first_line(e)}")
+    run.runtime_failed = True
+    if left:  # out of memory or a broken device: the next ones would fail the same way
+        print(f"{PROG}: stopping; {left} video(s) not made", file=sys.stderr, flush=True)
 
 
 def _add_warmup_parser(sub) -> None:
@@ -889,84 +964,93 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("img2vid", __version__),
         ("python", f"{sys.version.split()[0]} ({sys.executable})"),
     ]
-
-    def section(fn) -> None:
+    for name, section in (
+        ("torch", _doctor_torch),
+        ("video", _doctor_video),
+        ("hub", lambda: _doctor_hub(args.model)),
+    ):
         try:
-            rows.extend(fn())
+            rows.extend(section())
         except Exception as e:  # doctor reports; it never fails
-            rows.append((getattr(fn, "__name__", "check").strip("_"), f"error: {type(e).__name__}: {e}"))
-
-    def _torch():
-        import torch
-
-        from . import runtime
-        from .pipeline import default_device, default_dtype
-
-        out = [("torch", torch.__version__)]
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "none (CPU-only build)"
-        if getattr(torch.version, "hip", None):
-            build = f"ROCm {torch.version.hip}"
-        out.append(("  GPU build", build))
-        available = torch.cuda.is_available()
-        out.append(("  CUDA available", "yes" if available else "no"))
-        for i in range(torch.cuda.device_count() if available else 0):
-            props = torch.cuda.get_device_properties(i)
-            free = runtime.free_vram_gib(torch.device(f"cuda:{i}"))
-            free_text = f", {free:.1f} GiB free" if free is not None else ""
-            out.append((f"  GPU {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB{free_text}"))
-        device = default_device()
-        mode, why = runtime.choose_memory_mode(device, "auto")
-        dtype = str(default_dtype(device)).removeprefix("torch.")
-        out.append(("  default device", f"{device}, {dtype}"))
-        out.append(("  memory mode (auto)", f"{mode} ({why})"))
-        from . import accel
-
-        for line in accel.availability(device, default_dtype(device), mode).lines():
-            out.append((f"  {line.split(': ', 1)[0]}", line.split(": ", 1)[1]))
-        folder = accel.compiled.cache_root() / "compiled"
-        artifacts = list(folder.glob("*.pt2")) if folder.is_dir() else []
-        size = sum(p.stat().st_size for p in artifacts) / 2**20
-        out.append(("  compiled artifacts", f"{len(artifacts)} in {folder} ({size:.0f} MiB)"))
-        return out
-
-    def _video():
-        from PIL import __version__ as pil_version
-
-        from .video import codecs_available
-
-        try:
-            import av
-
-            ffmpeg = getattr(av, "ffmpeg_version_info", None)
-            out = [("PyAV", av.__version__ + (f" (FFmpeg {ffmpeg})" if ffmpeg else ""))]
-        except ImportError:
-            out = [("PyAV", "not installed (needed for mp4, webm and gif): pip install av")]
-        out.append(("Pillow", pil_version))
-        codecs = codecs_available()
-        out.append(("  codecs", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in codecs.items())))
-        return out
-
-    def _hub():
-        out = _doctor_model(args.model)
-        try:
-            from huggingface_hub import __version__ as hub_version
-            from huggingface_hub.constants import HF_HUB_CACHE
-
-            out.append(("huggingface_hub", f"{hub_version}, cache {HF_HUB_CACHE}"))
-        except ImportError:
-            out.append(("huggingface_hub", "not installed: pip install huggingface_hub"))
-        offline = os.environ.get("HF_HUB_OFFLINE")
-        out.append(("  HF_HUB_OFFLINE", f"set ({offline})" if offline else "not set"))
-        out.append(("  HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "not set"))  # never its value
-        return out
-
-    section(_torch)
-    section(_video)
-    section(_hub)
+            rows.append((name, f"error: {type(e).__name__}: {e}"))
     width = max(len(k) for k, _ in rows) + 2
     for key, value in rows:
         print(f"{key + ':':<{width}}{value}")
     return EXIT_OK
+
+
+def _doctor_torch() -> list[tuple[str, str]]:
+    import torch
+
+    from . import memory
+    from .pipeline import default_device, default_dtype
+
+    out = [("torch", torch.__version__)]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "none (CPU-only build)"
+    if getattr(torch.version, "hip", None):
+        build = f"ROCm {torch.version.hip}"
+    out.append(("  GPU build", build))
+    available = torch.cuda.is_available()
+    out.append(("  CUDA available", "yes" if available else "no"))
+    for i in range(torch.cuda.device_count() if available else 0):
+        props = torch.cuda.get_device_properties(i)
+        free = memory.free_vram_gib(torch.device(f"cuda:{i}"))
+        free_text = f", {free:.1f} GiB free" if free is not None else ""
+        out.append((f"  GPU {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB{free_text}"))
+    device = default_device()
+    mode, why = memory.choose_memory_mode(device, "auto")
+    dtype = str(default_dtype(device)).removeprefix("torch.")
+    out.append(("  default device", f"{device}, {dtype}"))
+    out.append(("  memory mode (auto)", f"{mode} ({why})"))
+    return out + _fast_path_lines(device, default_dtype(device), mode)
+
+
+def _fast_path_lines(device, dtype, memory: str) -> list[tuple[str, str]]:
+    """The fast-path report `load` would give here (img2vid.accel), and the compiled artifacts kept."""
+    from . import accel
+
+    out = []
+    for line in accel.availability(device, dtype, memory).lines():
+        name, state = line.split(": ", 1)
+        out.append((f"  {name}", state))
+    folder = accel.compiled.cache_root() / "compiled"
+    artifacts = list(folder.glob("*.pt2")) if folder.is_dir() else []
+    size = sum(p.stat().st_size for p in artifacts) / 2**20
+    out.append(("  compiled artifacts", f"{len(artifacts)} in {folder} ({size:.0f} MiB)"))
+    return out
+
+
+def _doctor_video() -> list[tuple[str, str]]:
+    from PIL import __version__ as pil_version
+
+    from .video import codecs_available
+
+    try:
+        import av
+
+        ffmpeg = getattr(av, "ffmpeg_version_info", None)
+        out = [("PyAV", av.__version__ + (f" (FFmpeg {ffmpeg})" if ffmpeg else ""))]
+    except ImportError:
+        out = [("PyAV", "not installed (needed for mp4, webm and gif): pip install av")]
+    out.append(("Pillow", pil_version))
+    codecs = codecs_available()
+    out.append(("  codecs", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in codecs.items())))
+    return out
+
+
+def _doctor_hub(model: str) -> list[tuple[str, str]]:
+    out = _doctor_model(model)
+    try:
+        from huggingface_hub import __version__ as hub_version
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        out.append(("huggingface_hub", f"{hub_version}, cache {HF_HUB_CACHE}"))
+    except ImportError:
+        out.append(("huggingface_hub", "not installed: pip install huggingface_hub"))
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    out.append(("  HF_HUB_OFFLINE", f"set ({offline})" if offline else "not set"))
+    out.append(("  HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "not set"))  # never its value
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -987,12 +1071,14 @@ def main(argv: list[str] | None = None) -> int:
     handler, old_level = _LogHandler(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    old_sigterm = _on_sigterm_raise()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         _clear_progress()
-        print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(e, Terminated)
+        print(f"\n{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Img2VidError as e:
         if debug:
             raise
@@ -1007,3 +1093,20 @@ def main(argv: list[str] | None = None) -> int:
         _active = None
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that half-written outputs are removed on the way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm_raise():
+    """Make SIGTERM raise Terminated while the command runs; returns the handler to restore (None: not set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers (tests may run main() elsewhere)
+    return signal.signal(signal.SIGTERM, _raise_terminated)

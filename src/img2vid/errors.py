@@ -21,5 +21,14 @@ class ParameterError(Img2VidError, ValueError):
         self.field = field
 
 
+class NotEnoughMemory(ParameterError):
+    """A generation too large for the memory free on its device; `.fields` names the parameters that set
+    its size (`.field` the first, as for any ParameterError)."""
+
+    def __init__(self, fields, message: str):
+        Img2VidError.__init__(self, f"{', '.join(fields)}: {message}")
+        self.field, self.fields = fields[0], tuple(fields)
+
+
 class Cancelled(Img2VidError):
     """Generation was stopped by the progress callback (it returned False)."""

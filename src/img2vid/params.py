@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from .errors import ParameterError
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
-MEMORY_MODES = ("auto", "fast", "low")  # see img2vid.runtime; here so the CLI can parse without torch
+MEMORY_MODES = ("auto", "fast", "low")  # see img2vid.memory; here so the CLI can parse without torch
 DTYPES = ("fp16", "bf16", "fp32")
 GUIDANCES = ("linear", "triangle", "constant")
 FITS = ("crop", "pad")

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__ as _version
-from . import accel, checkpoint, runtime, sampling
+from . import accel, checkpoint, memory, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
 from .image import prepare_image, to_tensor
+from .memory import choose_memory_mode
 from .models import build, init_random
 from .params import GenerateParams
 from .video import Video
@@ -55,28 +56,28 @@ class Pipeline:
         self.unet_forward = self.unet  # the compiled path replaces these two
         self.decoder_forward = self.vae.decoder
 
-    def setup(self, memory: str = "fast", reason: str = "as asked", fast_paths="auto") -> Pipeline:
+    def setup(self, mode: str = "fast", reason: str = "as asked", fast_paths="auto") -> Pipeline:
         """Place the networks for the memory mode ("fast" or "low", see img2vid.memory) and apply the fast paths
         (img2vid.accel: "auto", "none" or a list of names). Called once, by `load`."""
-        self.memory, self.memory_reason = memory, reason
+        self.memory, self.memory_reason = mode, reason
         self.accel = accel.apply(self, fast_paths)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
             self.accel.settings.append("torch.backends.cudnn.benchmark=True")
         if self.offloading:
-            if runtime.use_expandable_segments():
+            if memory.use_expandable_segments():
                 self.accel.settings.append("CUDA allocator: expandable_segments (low memory mode)")
             # Resident: the UNet only. The image encoder and VAE come on for their part of each video.
-            runtime.offload(self.image_encoder)
-            runtime.offload(self.vae)
+            memory.offload(self.image_encoder)
+            memory.offload(self.vae)
         elif self.device.type == "cuda":
-            runtime.onload(self.image_encoder, self.device)
-            runtime.onload(self.vae, self.device)
+            memory.onload(self.image_encoder, self.device)
+            memory.onload(self.vae, self.device)
         log.info("fast paths: %s", "; ".join(self.accel.lines()))
         return self
 
     def compiled_backend(self) -> str | None:
-        """"aot" (artifacts on disk, loaded in seconds), "jit" (torch.compile in this process), or None."""
+        """ "aot" (artifacts on disk, loaded in seconds), "jit" (torch.compile in this process), or None."""
         f = self.unet_forward
         return f.backend() if isinstance(f, accel.compiled.CompiledNet) else None
 
@@ -119,9 +120,9 @@ class Pipeline:
         return self.memory == "low" and self.device.type == "cuda"
 
     def default_decode_chunk(self) -> int:
-        """The reference's 14 frames at a time; low-memory mode on a GPU decodes fewer (see runtime)."""
+        """The reference's 14 frames at a time; low-memory mode on a GPU decodes fewer (see img2vid.memory)."""
         chunk = self.config.defaults.decode_chunk_size
-        return min(chunk, runtime.LOW_MEMORY_DECODE_CHUNK) if self.offloading else chunk
+        return min(chunk, memory.LOW_MEMORY_DECODE_CHUNK) if self.offloading else chunk
 
     @contextlib.contextmanager
     def _resident(self, *modules: nn.Module):
@@ -129,13 +130,13 @@ class Pipeline:
         low = self.offloading
         if low:
             for m in modules:
-                runtime.onload(m, self.device)
+                memory.onload(m, self.device)
         try:
             yield
         finally:
             if low:
                 for m in modules:
-                    runtime.offload(m)
+                    memory.offload(m)
 
     @property
     def name(self) -> str:
@@ -204,6 +205,9 @@ class Pipeline:
         mark = _phase_clock(self.device if self.device.type == "cuda" else None, timings)
         pil = prepare_image(image, p.width, p.height, p.fit)
         W, H = pil.size
+        # Refuse now what the free memory cannot hold, or choose the lower-memory path that it can.
+        fit = memory.check(self, W, H, {**p.as_dict(), "decode_chunk_size": decode_chunk_size})
+        memory.use_chunked_attention(self.vae, fit.chunked_attention)
         T, dev = p.num_frames, self.device
         lat_shape = (
             T,
@@ -237,7 +241,7 @@ class Pipeline:
         x = sampling.initial_latents(noise, sigmas)
         latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
         mark("sampling")
-        frames, chunk = self.decode(latents, p.decode_chunk_size)
+        frames, chunk = self.decode(latents, fit.decode_chunk)
         frames = to_uint8(frames)
         mark("decoding")
         params = {
@@ -259,10 +263,12 @@ class Pipeline:
                 f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
                 "slightly; pass decode_chunk_size to choose"
             )
-        if chunk != p.decode_chunk_size:
+        if chunk != fit.decode_chunk:
             params["note"] = (
-                f"decoded {chunk} frames at a time after running out of memory at {p.decode_chunk_size}"
+                f"decoded {chunk} frames at a time after running out of memory at {fit.decode_chunk}"
             )
+        if fit.note():
+            params["memory"] = fit.note()
         return Video(frames=frames, fps=p.fps_id + 1, params=params)
 
     @torch.no_grad()
@@ -338,13 +344,13 @@ class Pipeline:
         the chunk is halved and decoding retried; the chunk actually used is returned with the frames."""
         low = self.offloading
         if low:  # the UNet's weights make room for the decoder's full-resolution activations
-            runtime.offload(self.unet)
+            memory.offload(self.unet)
         try:
             with self._resident(self.vae.decoder):
                 return self._decode_chunks(latents, chunk)
         finally:
             if low:
-                runtime.onload(self.unet, self.device)
+                memory.onload(self.unet, self.device)
 
     def _decode_chunks(self, latents: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
         fmt = self.memory_format
@@ -449,11 +455,11 @@ def load(
 
     Networks are built on the meta device, every key is checked, and tensors are read straight to `device`
     and cast there. `variant` forces the preset used for defaults and decoder (e.g. "svd-xt-1-1").
-    `memory` is "auto", "fast" or "low" (see img2vid.runtime). `accel` picks the fast paths: "auto" (every one
+    `memory` is "auto", "fast" or "low" (see img2vid.memory). `accel` picks the fast paths: "auto" (every one
     that can run here; the default, or IMG2VID_ACCEL), "none", or a list of names (see img2vid.accel);
     `Pipeline.accel` reports which run and why.
     """
-    memory_mode, memory_reason = runtime.choose_memory_mode(
+    memory_mode, memory_reason = choose_memory_mode(
         torch.device(device) if device is not None else default_device(), memory
     )
     device = torch.device(device) if device is not None else default_device()

@@ -2,7 +2,8 @@
 parameters stored inside, and read those parameters back.
 
 Every file is written under a temporary name next to its destination and renamed into place when complete,
-so a crash never leaves a half-written video under the real name.
+so a crash never leaves a half-written video under the real name; an exception (Ctrl-C, the CLI's SIGTERM)
+removes the temporary. Only a regular file, or a folder of frames this module wrote, is ever replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numbers
 import os
 import secrets
 import shutil
+import stat
 import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -33,6 +35,10 @@ _ENCODER_OPTIONS = {
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 _FRAME_NAME = "frame_{:04d}.png"
 _PARAMS_NAME = "params.json"
+# Playback rates every format stores faithfully: GIF delays are whole centiseconds up to 65535, time bases
+# are fractions with denominators up to 1001 (below 1/1001 the rate rounds to 0).
+MIN_FPS, MAX_FPS = 0.01, 1000.0
+NAME_MAX = 255  # bytes in one file name on common file systems, where os.pathconf cannot tell
 
 
 class OutputExistsError(Img2VidError, FileExistsError):
@@ -84,8 +90,7 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
     kind = _kind(path)
     path = Path(path)
     frames = _check_frames(frames, kind)
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < float("inf"):
-        raise Img2VidError(f"fps must be a positive number, got {fps!r}")
+    check_fps(fps)
     # A fraction, so that 7 stays exactly 7 (and 29.97 becomes 2997/100) in the file's time base.
     rate = Fraction(fps if isinstance(fps, Fraction) else float(fps)).limit_denominator(1001)
     text = json.dumps(metadata or {}, default=str)  # ASCII-only (ensure_ascii), so it fits EXIF too
@@ -93,7 +98,7 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
         _encoder(kind)  # fail before any work if this PyAV build lacks the codec
     _check_target(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = _sibling(path, ".tmp")
     try:
         if kind == "":
             _write_folder(tmp, frames, text)
@@ -110,6 +115,56 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
             tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_fps(fps) -> None:
+    """Raise Img2VidError unless `fps` is a number in [MIN_FPS, MAX_FPS]."""
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < float("inf"):
+        raise Img2VidError(f"fps must be a positive number, got {fps!r}")
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise Img2VidError(f"fps must be between {MIN_FPS:g} and {MAX_FPS:g}, got {fps!r}")
+
+
+def check_output(path, *, overwrite: bool = False) -> None:
+    """Raise Img2VidError now, before any work, if `write_video(path, ..., overwrite=overwrite)` would be
+    refused or could not write there: unknown suffix, an existing output (or anything but a regular file or
+    a frames folder, even with overwrite), a name too long, a folder that cannot be written."""
+    kind = _kind(path)
+    path = Path(path)
+    check_name_length(path)
+    _check_target(path, kind, overwrite)
+    folder = path.parent
+    while not (folder.exists() or folder.is_symlink()):  # write_video creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise Img2VidError(f"cannot write {path}: {folder} is not a folder")
+    # Creating a file is the one test that covers permissions, read-only mounts and the temporary's name.
+    probe = (
+        _sibling(path, ".tmp") if folder == path.parent else folder / f".img2vid.{secrets.token_hex(4)}.tmp"
+    )
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise Img2VidError(f"cannot write {path}: {e.strerror} ({folder})") from None
+
+
+def check_name_length(path) -> None:
+    """Raise Img2VidError when a part of `path` is longer than a file name may be."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise Img2VidError(
+                f"{path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long; file names can "
+                f"have at most {NAME_MAX}"
+            )
+
+
+def _sibling(path: Path, ending: str) -> Path:
+    """A hidden name beside `path` for its temporary or old copy, cut to fit in NAME_MAX bytes."""
+    tail = f".{secrets.token_hex(4)}{ending}"
+    stem = os.fsencode(path.name)[: NAME_MAX - 1 - len(tail)].decode("utf-8", "ignore")
+    return path.with_name(f".{stem}{tail}")
 
 
 def read_metadata(path) -> dict:
@@ -196,11 +251,16 @@ def _check_frames(frames, kind: str) -> np.ndarray:
 
 
 def _check_target(path: Path, kind: str, overwrite: bool) -> None:
-    if not (path.exists() or path.is_symlink()):
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there; a parent that is a file fails later
         return
     if not overwrite:
         raise OutputExistsError(f"{path} already exists: use --overwrite (overwrite=True) to replace it")
-    if path.is_dir() and not path.is_symlink():
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "a device, pipe or socket"
+        raise Img2VidError(f"{path} is {what}, not a regular file: not replacing it; choose another path")
+    if stat.S_ISDIR(mode):
         if kind:
             raise Img2VidError(f"{path} is a folder: cannot replace it with a {kind} file")
         # Only a folder this module wrote is replaced, so that overwrite=True cannot wipe an unrelated folder.
@@ -219,7 +279,7 @@ def _is_frame_name(name: str) -> bool:
 def _move_into_place(tmp: Path, path: Path) -> None:
     if tmp.is_dir() and (path.exists() or path.is_symlink()):
         # rename() cannot replace a non-empty folder: move the old one aside first, delete it once replaced.
-        old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+        old = _sibling(path, ".old")
         os.replace(path, old)
         os.replace(tmp, path)
         if old.is_dir() and not old.is_symlink():

@@ -14,6 +14,7 @@ _EXPORTS = {
     "JobStore": ".store",
     "JobResult": ".worker",
     "LocalWorker": ".worker",
+    "ProcessWorker": ".process",
     "Worker": ".worker",
     "WorkerLost": ".worker",
 }

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import Cancelled, Img2VidError
-from .store import Job, JobStore
+from .store import Job, JobStore, describe_os_error
 from .worker import Worker, WorkerLost
 
 log = logging.getLogger("img2vid.server")
@@ -25,6 +25,7 @@ class Dispatcher:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
+        self._active: set[str] = set()  # the jobs a slot is running now
         self._cancel_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -49,9 +50,14 @@ class Dispatcher:
         with self._wake:
             self._wake.notify_all()
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop at its next step; False when no slot is running it (then nothing will
+        ever look at the flag: the caller marks it canceled itself)."""
         with self._cancel_lock:
+            if job_id not in self._active:
+                return False
             self._cancel.add(job_id)
+            return True
 
     def _canceled(self, job_id: str) -> bool:
         with self._cancel_lock:
@@ -62,6 +68,16 @@ class Dispatcher:
             if not self._stopping.is_set():
                 self._wake.wait(seconds)
 
+    def _claim(self) -> Job | None:
+        # Claimed and registered under the cancel lock: cancel() never sees a claimed job as unowned.
+        with self._cancel_lock:
+            job = self.store.claim_next()
+            if job is not None:
+                self._active.add(job.id)
+                if job.cancel_requested:
+                    self._cancel.add(job.id)
+            return job
+
     def _slot(self, worker: Worker) -> None:
         while not self._stopping.is_set():
             if not worker.ready():
@@ -70,7 +86,7 @@ class Dispatcher:
                 self._wait(0.2)
                 continue
             try:
-                job = self.store.claim_next()
+                job = self._claim()
             except Exception:
                 log.exception("claiming a job failed")
                 self._wait(self.poll_s)
@@ -80,53 +96,74 @@ class Dispatcher:
                 continue
             try:
                 self._run(worker, job)
-            except Exception:
-                # Only the store can fail here (disk full, closed at shutdown); keep the slot alive.
-                log.exception("recording the outcome of job %s failed", job.id)
-                self._wait(self.poll_s)
+            finally:
+                with self._cancel_lock:
+                    self._cancel.discard(job.id)
+                    self._active.discard(job.id)
 
     def _run(self, worker: Worker, job: Job) -> None:
+        log.info("job %s: started (attempt %d)", job.id, job.attempts)
+        try:
+            outcome = self._outcome(worker, job)
+        except Exception as e:  # the job's own failure: recorded as its error
+            outcome = ("failed", _failure_message(job, e))
+        try:
+            self._record(job, outcome)
+        except Exception as e:
+            # The result could not be stored (disk full, read-only folder): the job fails with the reason.
+            log.error("job %s: %s", job.id, e)
+            try:
+                self.store.fail(job.id, str(e))
+            except Exception:
+                log.exception("job %s: recording its failure failed too", job.id)
+
+    def _outcome(self, worker: Worker, job: Job) -> tuple[str, object]:
+        """What became of the job: ("succeeded", result), ("canceled", None), ("queued", count_attempt) or
+        ("failed", message); raises what the worker raised for a job that failed."""
         job_id = job.id
-        if job.cancel_requested:
-            self.cancel(job_id)
+        reported = []
 
         def on_progress(step: int, total: int) -> bool:
             try:
                 self.store.set_progress(job_id, step, total)
-            except Exception:
-                log.exception("recording progress of %s failed", job_id)
+            except Exception as e:
+                if not reported:  # once per job, not a traceback per step
+                    reported.append(e)
+                    log.warning("job %s: recording progress failed: %s", job_id, e)
             return not (self._stopping.is_set() or self._canceled(job_id))
 
-        log.info("job %s: started (attempt %d)", job_id, job.attempts)
         try:
             image = self.store.read_image(job)
             result = worker.run(job_id, image, dict(job.params), on_progress)
         except Cancelled:
             if self._canceled(job_id):
-                self.store.mark_canceled(job_id)
-                log.info("job %s: canceled", job_id)
-            else:
-                self.store.requeue(job_id, count_attempt=False)
-                log.info("job %s: interrupted by shutdown, queued again", job_id)
+                return "canceled", None
+            return "queued", False  # interrupted by our own shutdown: not the job's fault
         except WorkerLost as e:
-            if job.attempts >= self.store.max_attempts:
-                self.store.fail(job_id, f"the worker running this job was lost {job.attempts} times: {e}")
-            else:
-                self.store.requeue(job_id, count_attempt=True)
             log.warning("job %s: worker lost: %s", job_id, e)
-        except Img2VidError as e:
-            self.store.fail(job_id, str(e))
-            log.info("job %s: failed: %s", job_id, e)
-        except Exception as e:
-            log.exception("job %s: crashed", job_id)
-            self.store.fail(job_id, f"internal error: {type(e).__name__}: {e}")
+            if job.attempts >= self.store.max_attempts:
+                return "failed", f"the worker running this job was lost {job.attempts} times: {e}"
+            return "queued", True
+        # The cancel came after the last step; the user asked for no video, so keep none.
+        return ("canceled", None) if self._canceled(job_id) else ("succeeded", result)
+
+    def _record(self, job: Job, outcome: tuple[str, object]) -> None:
+        status, value = outcome
+        if status == "succeeded":
+            self.store.succeed(job.id, value.video, {**value.params, "fps": value.fps})
+        elif status == "canceled":
+            self.store.mark_canceled(job.id)
+        elif status == "queued":
+            self.store.requeue(job.id, count_attempt=value)
         else:
-            if self._canceled(job_id):
-                # The cancel came after the last step; the user asked for no video, so keep none.
-                self.store.mark_canceled(job_id)
-            else:
-                self.store.succeed(job_id, result.video, {**result.params, "fps": result.fps})
-                log.info("job %s: succeeded", job_id)
-        finally:
-            with self._cancel_lock:
-                self._cancel.discard(job_id)
+            self.store.fail(job.id, value)
+        log.info("job %s: %s%s", job.id, status, f": {value}" if status == "failed" else "")
+
+
+def _failure_message(job: Job, e: Exception) -> str:
+    if isinstance(e, Img2VidError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"could not read or write a file: {describe_os_error(e)}"
+    log.error("job %s: crashed", job.id, exc_info=e)
+    return f"internal error: {type(e).__name__}: {e}"

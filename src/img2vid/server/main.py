@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..errors import Img2VidError
 from ..params import DTYPES, MEMORY_MODES
+from .process import ProcessWorker
 from .store import JobStore, StoreLocked
-from .worker import LocalWorker
 
 TOKEN_ENV = "IMG2VID_TOKEN"
 
@@ -39,8 +39,11 @@ def _accel_choice(args):
     return without_compiled(args.accel)
 
 
-def make_workers(model: str, device=None, dtype=None, memory: str = "auto", accel=None) -> list[LocalWorker]:
-    """One LocalWorker per GPU when no device is named, else one on `device`; each loads in the background."""
+def make_workers(
+    model: str, device=None, dtype=None, memory: str = "auto", accel=None, log_level: str = "warning"
+) -> list[ProcessWorker]:
+    """One worker per GPU when no device is named, else one on `device`. Each loads its model in a process
+    of its own, in the background: a generation that dies there fails only its job."""
     import img2vid
 
     if device is None:
@@ -51,9 +54,10 @@ def make_workers(model: str, device=None, dtype=None, memory: str = "auto", acce
     else:
         devices = [device]
     return [
-        LocalWorker(
-            load=functools.partial(img2vid.load, model, device=d, dtype=dtype, memory=memory, accel=accel),
+        ProcessWorker(
+            functools.partial(img2vid.load, model, device=d, dtype=dtype, memory=memory, accel=accel),
             name=model,
+            log_level=log_level.upper(),
         )
         for d in devices
     ]
@@ -71,6 +75,7 @@ def serve(
     accel=None,
     max_queue: int = 100,
     max_upload_mb: float = 20,
+    min_free_mb: float = 100,
     log_level: str = "info",
 ) -> None:
     """Serve the job API and the web page until interrupted. Raises Img2VidError when it cannot start."""
@@ -86,6 +91,9 @@ def serve(
         raise Img2VidError(
             f"binding {host} opens the server to the network: give a token with --token or {TOKEN_ENV}"
         )
+    from ..cli import check_device
+
+    check_device(device)  # a worker on a device that does not exist would only fail to load, in the log
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     try:
         JobStore(data_dir).close()  # fail here, with a message, rather than inside uvicorn's start-up
@@ -93,13 +101,14 @@ def serve(
         raise Img2VidError(str(e)) from None
     except OSError as e:
         raise Img2VidError(f"cannot use data directory {data_dir}: {e}") from None
-    workers = make_workers(model, device, dtype, memory, accel)
+    workers = make_workers(model, device, dtype, memory, accel, log_level)
     app = create_app(
         data_dir,
         workers,
         token=token,
         max_queue=max_queue,
         max_upload_mb=max_upload_mb,
+        min_free_mb=min_free_mb,
         allowed_hosts=LOOPBACK_NAMES | {host} if is_loopback(host) and not token else None,
     )
     logging.getLogger("img2vid.server").setLevel(log_level.upper())
@@ -149,6 +158,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-queue", type=int, default=100, help="queued jobs before POST answers 429")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload in MB")
+    p.add_argument(
+        "--min-free-mb",
+        type=float,
+        default=100,
+        help="free disk space the data directory needs for new jobs (below it POST answers 507)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -166,6 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
         accel=_accel_choice(args),
         max_queue=args.max_queue,
         max_upload_mb=args.max_upload_mb,
+        min_free_mb=args.min_free_mb,
         log_level=args.log_level,
     )
     return 0

@@ -6,6 +6,7 @@ are chosen here, never by a client, and a folder is only ever reached through a 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -55,6 +56,40 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 
 class StoreLocked(RuntimeError):
     """Another process already serves this data directory."""
+
+
+class QueueFull(RuntimeError):
+    """create() found `max_queue` jobs already waiting; `.queued` says how many."""
+
+    def __init__(self, queued: int):
+        super().__init__(f"the queue is full ({queued} jobs waiting)")
+        self.queued = queued
+
+
+class StoreError(RuntimeError):
+    """A file or database write failed; the message names the path and the errno. `.full`: out of space."""
+
+    def __init__(self, message: str, full: bool):
+        super().__init__(message)
+        self.full = full
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(e: OSError) -> str:
+    """'path: No space left on device (ENOSPC)': the path and the errno, for a job's error and the logs."""
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{e.strerror or e} ({name})"
+
+
+def store_error(e: Exception, what: str) -> StoreError:
+    """An OSError or sqlite3.Error from `what` (e.g. "writing the video") as a StoreError."""
+    if isinstance(e, OSError):
+        return StoreError(f"{what} failed: {describe_os_error(e)}", e.errno in FULL_ERRNOS)
+    full = isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+    return StoreError(f"{what} failed: the job database: {e}", full)
 
 
 @dataclass
@@ -139,23 +174,44 @@ class JobStore:
 
     # -- rows --------------------------------------------------------------------------------------------
 
-    def create(self, params: dict, image: bytes, image_ext: str, image_type: str) -> Job:
+    def create(
+        self, params: dict, image: bytes, image_ext: str, image_type: str, max_queue: int | None = None
+    ) -> Job:
+        """A queued job holding `image`. With `max_queue`, raises QueueFull when that many already wait: the
+        count and the insert are one transaction, so concurrent uploads cannot overshoot the limit."""
         job_id = uuid.uuid4().hex
         folder = self.job_dir(job_id)
-        folder.mkdir()
         image_name = "input" + image_ext
         try:
+            folder.mkdir()
             (folder / image_name).write_bytes(image)
-            with self._lock:
+            self._insert(job_id, params, image_name, image_type, max_queue)
+        except BaseException as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, OSError | sqlite3.Error):
+                raise store_error(e, "storing the upload") from e
+            raise
+        return self.get(job_id)
+
+    def _insert(self, job_id: str, params: dict, image_name: str, image_type: str, max_queue: int | None):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if max_queue is not None:
+                    queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[
+                        0
+                    ]
+                    if queued >= max_queue:
+                        raise QueueFull(queued)
                 self._db.execute(
                     "INSERT INTO jobs (id, status, params, image_name, image_type, created)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (job_id, "queued", json.dumps(params), image_name, image_type, time.time()),
                 )
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return self.get(job_id)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def get(self, job_id: str) -> Job | None:
         if not valid_id(job_id):
@@ -198,6 +254,21 @@ class JobStore:
             cur = self._db.execute(f"UPDATE jobs SET {sql} WHERE id = ? {where}", (*args, job_id))
             return cur.rowcount > 0
 
+    def space_problem(self, min_free_bytes: int) -> str | None:
+        """Why new jobs cannot be stored (too little free space, no write access), else None."""
+        try:
+            free = shutil.disk_usage(self.jobs_dir).free
+        except OSError as e:
+            return f"the data directory cannot be read: {describe_os_error(e)}"
+        if free < min_free_bytes:
+            return (
+                f"out of disk space: {free / 2**20:.0f} MB free in {self.root}, "
+                f"new jobs need at least {min_free_bytes / 2**20:.0f} MB"
+            )
+        if not os.access(self.jobs_dir, os.W_OK | os.X_OK):
+            return f"{self.jobs_dir} is not writable"
+        return None
+
     # -- the job life cycle ------------------------------------------------------------------------------
 
     def claim_next(self) -> Job | None:
@@ -229,16 +300,25 @@ class JobStore:
         )
 
     def succeed(self, job_id: str, video: bytes, resolved: dict | None) -> None:
+        """Store the video and mark the job succeeded; raises StoreError (no file left behind) when it cannot."""
         folder = self.job_dir(job_id)
         tmp = folder / (VIDEO_NAME + ".part")
-        tmp.write_bytes(video)
-        # A crash mid-write must never leave a truncated out.mp4 behind a "succeeded" row.
-        os.replace(tmp, folder / VIDEO_NAME)
-        self._update(
-            job_id,
-            "status = 'succeeded', video_name = ?, resolved = ?, finished = ?, step = total",
-            (VIDEO_NAME, json.dumps(resolved) if resolved is not None else None, time.time()),
-        )
+        try:
+            tmp.write_bytes(video)
+            # A crash mid-write must never leave a truncated out.mp4 behind a "succeeded" row.
+            os.replace(tmp, folder / VIDEO_NAME)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise store_error(e, "writing the video") from e
+        try:
+            self._update(
+                job_id,
+                "status = 'succeeded', video_name = ?, resolved = ?, finished = ?, step = total",
+                (VIDEO_NAME, json.dumps(resolved) if resolved is not None else None, time.time()),
+            )
+        except sqlite3.Error as e:
+            (folder / VIDEO_NAME).unlink(missing_ok=True)
+            raise store_error(e, "recording the video") from e
 
     def fail(self, job_id: str, message: str) -> None:
         self._update(job_id, "status = 'failed', error = ?, finished = ?", (message, time.time()))
@@ -256,7 +336,7 @@ class JobStore:
             return self.get(job_id)
 
     def mark_canceled(self, job_id: str) -> None:
-        self._update(job_id, "status = 'canceled', finished = ?", (time.time(),))
+        self._update(job_id, "status = 'canceled', finished = ?", (time.time(),), "AND status = 'running'")
 
     def requeue(self, job_id: str, count_attempt: bool = True) -> None:
         """Back to the queue; an attempt cut short by our own shutdown does not count against the job."""
@@ -271,6 +351,8 @@ class JobStore:
         Each gets one more try; a job that already had `max_attempts` is failed, since it may be the job
         that brings the process down. Returns (job id, new status) pairs.
         """
+        for part in self.jobs_dir.glob("*/*.part"):  # a write cut short by the crash
+            part.unlink(missing_ok=True)
         changes = []
         with self._lock:
             rows = self._db.execute(

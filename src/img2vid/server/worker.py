@@ -49,6 +49,10 @@ class Worker(Protocol):
     def info(self) -> dict:
         """{"model": name, "device": str, "defaults": {param: value}}; valid once ready."""
 
+    def check(self, params: dict, image_size: tuple[int, int]) -> None:
+        """Raise errors.ParameterError (NotEnoughMemory: too large for this worker's memory) for a job it
+        could never run; called before the job is queued. Optional: a worker without it is not asked."""
+
     def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
         """Generate one video. Raises errors.Cancelled when on_progress returned False, errors.Img2VidError
         for a problem with the job's input, WorkerLost when the worker itself went away."""
@@ -87,7 +91,9 @@ class LocalWorker:
         self._loaded = threading.Event()
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._capacity: int | None = None  # bytes free on the device while idle, for check()
         if pipeline is not None:
+            self._measure_capacity()
             self._loaded.set()
 
     def start(self) -> None:
@@ -99,11 +105,36 @@ class LocalWorker:
     def _load_now(self) -> None:
         try:
             self._pipe = self._load()
+            self._measure_capacity()
         except Exception as e:
             log.exception("loading the model failed")
             self._error = f"the model failed to load: {type(e).__name__}: {e}"
         else:
             self._loaded.set()
+
+    def _measure_capacity(self) -> None:
+        from .. import memory
+
+        self._capacity = memory.free_bytes(self._pipe.device)
+
+    def check(self, params: dict, image_size: tuple[int, int]) -> None:
+        pipe = self._pipe
+        if pipe is None or self._capacity is None:
+            return  # not loaded yet: generate() checks against the memory free when the job runs
+        from .. import memory
+        from ..image import target_size
+
+        width, height = target_size(image_size, params.get("width"), params.get("height"))
+        memory.check(pipe, width, height, params, free=self._capacity)
+
+    @property
+    def pipeline(self):
+        return self._pipe
+
+    @property
+    def capacity(self) -> int | None:
+        """Bytes free on the device while idle (measured when loaded and after each job), for check()."""
+        return self._capacity
 
     def ready(self) -> bool:
         return self._loaded.is_set()
@@ -152,6 +183,7 @@ class LocalWorker:
             finally:
                 del video
                 self._free_memory()
+                self._measure_capacity()
 
     def _free_memory(self) -> None:
         # A canceled or failed run leaves activations behind; hand the memory back before the next job.
@@ -163,6 +195,19 @@ class LocalWorker:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+    def compile_missing(self) -> None:
+        """Compile the shapes the last jobs ran eagerly (see img2vid.accel.compiled): done between jobs, so
+        that no job waits for it but the one that arrives meanwhile."""
+        pipe = self._pipe
+        missing = pipe.missing_compiled() if hasattr(pipe, "missing_compiled") else []
+        if not missing:
+            return
+        log.info("compiling %s between jobs", ", ".join(missing))
+        try:
+            pipe.build_missing(progress=log.info)
+        except Exception:  # compiling is an optimisation: the jobs run eagerly without it
+            log.exception("compiling failed; jobs of those shapes keep running eagerly")
 
     def close(self) -> None:
         self._pipe = None

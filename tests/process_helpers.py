@@ -1,0 +1,29 @@
+"""Model loaders for the tests that run a ProcessWorker: its child process imports them from here by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import img2vid
+from img2vid import memory
+
+
+class DiesOnSeed666:
+    """The tiny pipeline, except that seed 666 kills its process, as the kernel's out-of-memory killer would."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, image, **kwargs):
+        if kwargs.get("seed") == 666:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.pipe.generate(image, **kwargs)
+
+
+def tiny_in_300_mb_that_dies_on_seed_666():
+    memory.free_bytes = lambda device: 300 * 2**20
+    return DiesOnSeed666(img2vid.load("tiny", device="cpu"))
