@@ -6,9 +6,8 @@ video = pipe.generate("photo.jpg", seed=23)
 video.save("out.mp4")
 """
 
-__version__ = "0.1.0"  # before the imports: pipeline records it in every video
-
 from .errors import Cancelled, CheckpointError, ImageError, Img2VidError, ParameterError
+from .version import __version__ as __version__
 
 __all__ = [
     "PRESETS",

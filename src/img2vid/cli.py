@@ -27,10 +27,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
 from .config import PRESETS
-from .errors import ImageError, Img2VidError
-from .params import CHOICES, DTYPES, MAX_SIDE, MEMORY_MODES, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
+from .errors import ImageError, Img2VidError, UsageError
+from .params import (
+    CHOICES,
+    DTYPES,
+    MAX_SIDE,
+    MEMORY_MODES,
+    MIN_SIDE,
+    RANGES,
+    SIDE_MULTIPLE,
+    check,
+    check_device,
+)
+from .version import __version__
 
 PROG = "img2vid"
 DEFAULT_MODEL = "svd-xt"
@@ -54,10 +64,6 @@ FLAGS = {
     "decode_chunk_size": "--decode-chunk",
 }
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-
-
-class UsageError(Img2VidError):
-    """A bad command-line value: reported in one line, exit status 2."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -455,30 +461,6 @@ def _check_codec(fmt: str) -> None:
             raise UsageError(
                 f"this installation cannot write {fmt} ({label}): choose another --format or -o suffix"
             )
-
-
-def check_device(device: str | None) -> None:
-    """Raise UsageError unless `device` names a device this machine has (None: the default, always)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise UsageError(f"--device {device}: there are only {n} GPU(s) (cuda:0 to cuda:{n - 1})")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {device}: MPS (Apple GPU) is not available; use --device cpu")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {device}: img2vid runs on cpu, cuda or mps")
 
 
 def _check_outputs(jobs: list[Job], overwrite: bool) -> list[tuple[Job, str | None]]:

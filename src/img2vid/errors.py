@@ -13,6 +13,10 @@ class CheckpointError(Img2VidError):
     """A checkpoint cannot be found, read, or does not match the network (names the keys)."""
 
 
+class UsageError(Img2VidError):
+    """A bad command-line value: reported in one line, exit status 2."""
+
+
 class ParameterError(Img2VidError, ValueError):
     """A generation parameter is out of range; `.field` names it."""
 

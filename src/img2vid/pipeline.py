@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__ as _version
 from . import accel, checkpoint, memory, sampling
 from .config import ModelConfig
 from .errors import Cancelled, ParameterError
@@ -22,6 +21,7 @@ from .image import prepare_image, to_tensor
 from .memory import choose_memory_mode
 from .models import build, init_random
 from .params import GenerateParams
+from .version import __version__ as _version
 from .video import Video
 
 log = logging.getLogger("img2vid")

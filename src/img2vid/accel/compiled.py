@@ -129,7 +129,7 @@ def _probe(device: torch.device) -> str | None:
 @functools.cache
 def _source_digest() -> str:
     """img2vid's version and a digest of the code that makes the graphs (models/ and accel/), once a process."""
-    from .. import __version__
+    from ..version import __version__
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()

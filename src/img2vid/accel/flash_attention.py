@@ -13,6 +13,7 @@ import torch
 
 from ..models.layers import Attention
 from ..models.unet import TransformerBlock
+from . import dsl
 
 NAME = "flash_attention"
 PACKAGE = "flash-attn-4"
@@ -23,9 +24,7 @@ _attention = None  # flash_attn.cute.flash_attn_func, imported by apply: the DSL
 
 
 def unavailable(device: torch.device, dtype: torch.dtype, memory: str) -> str | None:
-    from . import dsl_unavailable
-
-    return dsl_unavailable(PACKAGE, "flash_attn.cute", device, dtype)
+    return dsl.unavailable(PACKAGE, "flash_attn.cute", device, dtype)
 
 
 def apply(pipe, report) -> None:

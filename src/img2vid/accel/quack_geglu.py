@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import GEGLU
+from . import dsl
 
 log = logging.getLogger("img2vid")
 
@@ -43,11 +44,9 @@ _failed: set[tuple[int, int, int]] = set()  # (M, N, K) quack could not run: the
 
 
 def unavailable(device: torch.device, dtype: torch.dtype, memory: str) -> str | None:
-    from . import dsl_unavailable
-
     if memory != "fast":
         return "fast memory mode only (its interleaved weights are a copy)"
-    return dsl_unavailable(PACKAGE, "quack", device, dtype)
+    return dsl.unavailable(PACKAGE, "quack", device, dtype)
 
 
 def apply(pipe, report) -> None:

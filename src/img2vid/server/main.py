@@ -91,7 +91,7 @@ def serve(
         raise Img2VidError(
             f"binding {host} opens the server to the network: give a token with --token or {TOKEN_ENV}"
         )
-    from ..cli import check_device
+    from ..params import check_device
 
     check_device(device)  # a worker on a device that does not exist would only fail to load, in the log
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
