@@ -9,7 +9,8 @@ Parts (in the order given):
   first_video  fresh processes, as a user runs them, each timed from its start with its phases (`--timings`):
                img2vid generate with an empty cache (the first run on a machine: eager, then it compiles), the
                same again (second run), the same with --no-compile, and the one-video diffusers script
-               (diffusers_one_video.py) on the same folder
+               (diffusers_one_video.py) on the same folder; with `serve` in --runs, `img2vid serve` from its start
+               to ready and to its first job finished
   steady       one process: img2vid's pipeline (default fast paths, compiled artifacts from the cache, built if
                missing) and diffusers' on the same weights: end to end, UNet seconds per step, decode, peak
                memory; and the compiled frames against eager frames of the same seed
@@ -137,6 +138,9 @@ def part_first_video(a, res):
         print(name, json.dumps(r), flush=True)
         if r["exit"] != 0:
             break
+    if "serve" in runs:
+        res["serve"] = r = time_serve(a, env, Path(a.out) / "first_video_serve.log")
+        print("serve", json.dumps(r), flush=True)
     base = res.get("diffusers", {}).get("wall_s")
     for name in ("first", "second", "no_compile"):
         if not base or not res.get(name, {}).get("wall_s"):
@@ -234,6 +238,59 @@ def diffusers_in_process(a) -> dict:
     }
 
 
+def _post_job(url: str, image: Path, fields: dict) -> str:
+    """POST /v1/jobs as multipart form data; the job id."""
+    import urllib.request
+    import uuid
+
+    b = uuid.uuid4().hex
+    parts = [
+        f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    head = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n\r\n'.encode()
+    body = b"".join(parts) + head + image.read_bytes() + f"\r\n--{b}--\r\n".encode()
+    req = urllib.request.Request(
+        url + "/v1/jobs", body, {"Content-Type": f"multipart/form-data; boundary={b}"}
+    )
+    with urllib.request.urlopen(req) as resp:
+        return json.load(resp)["id"]
+
+
+def time_serve(a, env: dict, log: Path, port: int = 7861) -> dict:
+    """`img2vid serve` in a fresh process: seconds from its start to ready (/readyz 200) and to the first job
+    finished (the same settings as the CLI runs)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "img2vid", "serve", "--model", str(folder(a)), "--port", str(port)]
+    cmd += ["--data", str(Path(a.work) / "serve-data"), "--log-level", "info"]
+    out, t0 = {}, time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        while time.perf_counter() - t0 < a.timeout and "ready_s" not in out:
+            try:
+                urllib.request.urlopen(url + "/readyz", timeout=1).close()
+                out["ready_s"] = round(time.perf_counter() - t0, 2)
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        fields = {"num_steps": STEPS, "num_frames": FRAMES, "width": W, "height": H, "seed": 1}
+        job = _post_job(url, image_path(a), fields)
+        while time.perf_counter() - t0 < a.timeout:
+            with urllib.request.urlopen(f"{url}/v1/jobs/{job}", timeout=5) as resp:
+                status = json.load(resp)["status"]
+            if status in ("succeeded", "failed", "canceled"):
+                out.update(status=status, first_job_s=round(time.perf_counter() - t0, 2))
+                break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
 def part_low(a, res):
     import img2vid
 
@@ -253,7 +310,9 @@ def main():
     p.add_argument("--parts", default="setup,first_video,steady")
     p.add_argument("--work", default="/tmp/img2vid-bench", help="the weights, image, videos and caches")
     p.add_argument("--out", default="bench-results", help="a JSON per part, and the logs")
-    p.add_argument("--runs", default="diffusers,first,second,no_compile", help="first_video's processes")
+    p.add_argument(
+        "--runs", default="diffusers,first,second,no_compile", help="first_video's processes (also: serve)"
+    )
     p.add_argument("--timeout", type=float, default=480, help="seconds for each fresh process of first_video")
     a = p.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
