@@ -360,7 +360,16 @@ def _config_from_diffusers(folder: Path, name: str) -> ModelConfig:
             )
         return json.loads(p.read_text())
 
-    u, v, c = cfg_json("unet"), cfg_json("vae"), cfg_json("image_encoder")
+    unet = _unet_config(cfg_json("unet"), folder)
+    vae = _vae_config(cfg_json("vae"))
+    clip = _clip_config(cfg_json("image_encoder"), folder)
+    defaults = PRESETS[name].defaults if name in PRESETS else PRESETS["svd-xt"].defaults
+    return replace(
+        PRESETS.get(name, PRESETS["svd-xt"]), name=name, unet=unet, vae=vae, clip=clip, defaults=defaults
+    )
+
+
+def _unet_config(u: dict, folder: Path) -> UNetConfig:
     if u.get("_class_name", "UNetSpatioTemporalConditionModel") != "UNetSpatioTemporalConditionModel":
         raise CheckpointError(
             f"{folder}/unet is a {u['_class_name']}, not SVD's UNetSpatioTemporalConditionModel"
@@ -377,7 +386,7 @@ def _config_from_diffusers(folder: Path, name: str) -> ModelConfig:
     )
     if any(b % base for b in blocks):
         raise CheckpointError(f"{folder}/unet: block_out_channels {blocks} are not multiples of the first")
-    unet = UNetConfig(
+    return UNetConfig(
         in_channels=u.get("in_channels", 8),
         out_channels=u.get("out_channels", 4),
         model_channels=base,
@@ -391,8 +400,11 @@ def _config_from_diffusers(folder: Path, name: str) -> ModelConfig:
         num_vector_values=u.get("projection_class_embeddings_input_dim", 768)
         // u.get("addition_time_embed_dim", 256),
     )
+
+
+def _vae_config(v: dict) -> VAEConfig:
     vb = tuple(v.get("block_out_channels", (128, 256, 512, 512)))
-    vae = VAEConfig(
+    return VAEConfig(
         channels=vb[0],
         channel_mult=tuple(b // vb[0] for b in vb),
         num_res_blocks=v.get("layers_per_block", 1),
@@ -401,10 +413,13 @@ def _config_from_diffusers(folder: Path, name: str) -> ModelConfig:
         temporal_decoder=v.get("_class_name", "AutoencoderKLTemporalDecoder")
         == "AutoencoderKLTemporalDecoder",
     )
+
+
+def _clip_config(c: dict, folder: Path) -> CLIPConfig:
     act = c.get("hidden_act", "quick_gelu")
     if act not in ("gelu", "quick_gelu"):
         raise CheckpointError(f"{folder}/image_encoder: activation {act!r} is not supported")
-    clip = CLIPConfig(
+    return CLIPConfig(
         image_size=c.get("image_size", 224),
         patch_size=c.get("patch_size", 32),
         width=c.get("hidden_size", 768),
@@ -414,10 +429,6 @@ def _config_from_diffusers(folder: Path, name: str) -> ModelConfig:
         embed_dim=c.get("projection_dim", 512),
         act=act,
         eps=c.get("layer_norm_eps", 1e-5),
-    )
-    defaults = PRESETS[name].defaults if name in PRESETS else PRESETS["svd-xt"].defaults
-    return replace(
-        PRESETS.get(name, PRESETS["svd-xt"]), name=name, unet=unet, vae=vae, clip=clip, defaults=defaults
     )
 
 
@@ -489,15 +500,35 @@ def is_diffusers_folder(path: Path) -> bool:
 # Hub
 
 
+def _reachable(url: str, seconds: float = 3.0) -> bool:
+    """Whether a TCP connection to the host of `url` opens within `seconds` (always True behind a proxy)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(k) for k in proxies):
+        return True  # only the proxy knows the way: let huggingface_hub try
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    connected = threading.Event()
+
+    def connect():  # on a thread, so that a DNS lookup that hangs is bounded too
+        try:
+            socket.create_connection((parts.hostname, port), timeout=seconds).close()
+            connected.set()
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=connect, daemon=True).start()
+    return connected.wait(seconds)
+
+
 def hub_resolve(repo_id: str, filename: str | None) -> Path:
     """Download (or find in the huggingface_hub cache) a single file, or the diffusers parts of a repo.
 
     When the hub cannot be reached (a TCP connection to it fails within 3 s) only the cache is read, so
     an offline machine gets the answer at once instead of after huggingface_hub's retries (~30 s)."""
-    import socket
-    import threading
-    from urllib.parse import urlsplit
-
     try:
         import huggingface_hub as hf
         from huggingface_hub import constants
@@ -507,26 +538,8 @@ def hub_resolve(repo_id: str, filename: str | None) -> Path:
             f"huggingface_hub is needed to fetch {repo_id}: pip install huggingface_hub"
         ) from e
 
-    def reachable(url: str, seconds: float = 3.0) -> bool:
-        proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-        if any(os.environ.get(k) for k in proxies):
-            return True  # only the proxy knows the way: let huggingface_hub try
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        connected = threading.Event()
-
-        def connect():  # on a thread, so that a DNS lookup that hangs is bounded too
-            try:
-                socket.create_connection((parts.hostname, port), timeout=seconds).close()
-                connected.set()
-            except (OSError, ValueError):
-                pass
-
-        threading.Thread(target=connect, daemon=True).start()
-        return connected.wait(seconds)
-
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    cache_only = offline or not reachable(constants.ENDPOINT)
+    cache_only = offline or not _reachable(constants.ENDPOINT)
     try:
         if filename:
             return Path(hf.hf_hub_download(repo_id, filename, local_files_only=cache_only))
