@@ -144,6 +144,7 @@ def test_samplers_solve_the_ode_for_gaussian_data(name):
     if name != "euler":
         euler40 = (sampling.sample_euler(denoise, x_T, sampling.edm_sigmas(40)) - exact).abs().max().item()
         assert e40 < euler40 / 3
+        assert err(80) < e40 / 3  # second order: twice the steps, about a quarter of the error
 
 
 def test_same_seed_same_frames_other_seed_differs(tiny):

@@ -107,11 +107,12 @@ def sample_dpmpp_2m(
         else:
             t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
             h = t_next - t
-            if old is not None:
-                r = (t - (-sigmas[i - 1].log())) / h
-                denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised
-        old = denoised if sigmas[i + 1] != 0 else old
+            estimate = denoised
+            if old is not None:  # the multistep correction extrapolates from the previous raw estimate
+                r = (t + sigmas[i - 1].log()) / h
+                estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * estimate
+        old = denoised
         _report(callback, i, n, x)
     return x
 
