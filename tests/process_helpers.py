@@ -27,3 +27,14 @@ class DiesOnSeed666:
 def tiny_in_300_mb_that_dies_on_seed_666():
     memory.free_bytes = lambda device: 300 * 2**20
     return DiesOnSeed666(img2vid.load("tiny", device="cpu"))
+
+
+class OomOnSeed777(DiesOnSeed666):
+    """The tiny pipeline, except that seed 777 raises CUDA's out-of-memory error, as a GPU would mid-job."""
+
+    def generate(self, image, **kwargs):
+        if kwargs.get("seed") == 777:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.pipe.generate(image, **kwargs)
