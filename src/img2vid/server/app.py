@@ -111,6 +111,12 @@ def create_app(
         retain_days=retain_days,
         retain_bytes=int(retain_gb * 2**30) if retain_gb is not None else None,
     )
+    hosts = frozenset(allowed_hosts) if allowed_hosts is not None else None
+    return _build(ctx, token if require_token else None, hosts)
+
+
+def _build(ctx: Context, token: str | None, allowed_hosts: frozenset[str] | None) -> FastAPI:
+    """The app over `ctx`, behind the Guard middleware."""
     app = FastAPI(
         title="img2vid",
         summary="Stable Video Diffusion image-to-video: a job queue",
@@ -120,8 +126,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.ctx = ctx
-    hosts = frozenset(allowed_hosts) if allowed_hosts is not None else None
-    app.add_middleware(Guard, token=token if require_token else None, allowed_hosts=hosts)
+    app.add_middleware(Guard, token=token, allowed_hosts=allowed_hosts)
     for area in (web, health, model, jobs, queue):
         app.include_router(area.router)
     app.add_exception_handler(StoreError, _store_error)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import Img2VidError
-from .worker import JobResult, LocalWorker, Progress, WorkerLost
+from .worker import JobResult, LocalWorker, Progress, WorkerLost, check_memory
 
 log = logging.getLogger("img2vid.server")
 
@@ -75,13 +75,7 @@ class ProcessWorker:
         return self._info or {"model": self._name, "device": None, "defaults": {}}
 
     def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        if self._profile is None or self._capacity is None:
-            return
-        from .. import memory
-        from ..image import target_size
-
-        width, height = target_size(image_size, params.get("width"), params.get("height"))
-        memory.check(self._profile, width, height, params, free=self._capacity)
+        check_memory(self._profile, self._capacity, params, image_size)
 
     def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
         with self._lock:
