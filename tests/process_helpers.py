@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import img2vid
 from img2vid import memory
@@ -38,3 +39,19 @@ class OomOnSeed777(DiesOnSeed666):
 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return self.pipe.generate(image, **kwargs)
+
+
+class SlowOnSeed4242(OomOnSeed777):
+    """Also: seed 4242 takes a second a step, so that a test can act on a job that is surely running."""
+
+    def generate(self, image, **kwargs):
+        if kwargs.get("seed") == 4242:
+            callback = kwargs["callback"]
+            kwargs["callback"] = lambda *args: time.sleep(1) or callback(*args)
+        return super().generate(image, **kwargs)
+
+
+def tiny_with_faults():
+    """The tiny model with seed 777 out of GPU memory and seed 4242 slow (for Ray actors and servers run as
+    a separate process, which import this module by name)."""
+    return SlowOnSeed4242(img2vid.load("tiny", device="cpu"))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +139,7 @@ class ProcessWorker:
 def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the server stops this child itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
     try:
         worker = LocalWorker(load())
@@ -165,6 +168,14 @@ def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
             outcome = ("raised", _portable(e))
         conn.send((*outcome, worker.capacity))
         worker.compile_missing()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A server killed by SIGKILL cannot stop its child; the restarted server re-queues the job, which must
+    # not run here at the same time.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _portable(e: Exception) -> Exception:
