@@ -26,6 +26,7 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
         self._active: set[str] = set()  # the jobs a slot is running now
+        self._held: dict[int, str] = {}  # id(worker) -> the job it runs now, for GET /v1/queue
         self._cancel_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -58,6 +59,10 @@ class Dispatcher:
                 return False
             self._cancel.add(job_id)
             return True
+
+    def running_job(self, worker: Worker) -> str | None:
+        """The id of the job `worker` is running now, else None."""
+        return self._held.get(id(worker))
 
     def _canceled(self, job_id: str) -> bool:
         with self._cancel_lock:
@@ -94,9 +99,11 @@ class Dispatcher:
             if job is None:
                 self._wait(self.poll_s)
                 continue
+            self._held[id(worker)] = job.id
             try:
                 self._run(worker, job)
             finally:
+                self._held.pop(id(worker), None)
                 with self._cancel_lock:
                     self._cancel.discard(job.id)
                     self._active.discard(job.id)

@@ -77,6 +77,18 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def check_memory(model, capacity: int | None, params: dict, image_size: tuple[int, int]) -> None:
+    """Worker.check for a worker whose `model` (pipeline or memory.Profile) has `capacity` bytes free while
+    idle; nothing to check before the worker has measured them."""
+    if model is None or capacity is None:
+        return
+    from .. import memory
+    from ..image import target_size
+
+    width, height = target_size(image_size, params.get("width"), params.get("height"))
+    memory.check(model, width, height, params, free=capacity)
+
+
 class LocalWorker:
     """A pipeline in this process. Pass a loaded `pipeline`, or a `load` callable that is run on a thread
     by start() so the server answers (/healthz, /readyz = 503) while weights load."""
@@ -118,14 +130,8 @@ class LocalWorker:
         self._capacity = memory.free_bytes(self._pipe.device)
 
     def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        pipe = self._pipe
-        if pipe is None or self._capacity is None:
-            return  # not loaded yet: generate() checks against the memory free when the job runs
-        from .. import memory
-        from ..image import target_size
-
-        width, height = target_size(image_size, params.get("width"), params.get("height"))
-        memory.check(pipe, width, height, params, free=self._capacity)
+        # Not loaded yet: generate() checks against the memory free when the job runs.
+        check_memory(self._pipe, self._capacity, params, image_size)
 
     @property
     def pipeline(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from datetime import datetime, timezone
@@ -12,13 +13,14 @@ from fastapi.exceptions import HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 
 from ...errors import ParameterError
-from .. import upload
+from .. import options, upload
 from ..context import Context, ErrorBody, error, get_context
-from ..store import Job, JobStore, QueueFull, valid_id
+from ..store import PRIORITIES, Job, JobStore, KeyReused, QueueFull, valid_id
 from .model import parameter_spec
 
 router = APIRouter(tags=["jobs"])
 MAX_OFFSET = 2**63 - 1  # SQLite's largest integer: a larger OFFSET would overflow its binding
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 
 def _iso(t: float | None) -> str | None:
@@ -52,7 +54,10 @@ def job_json(job: Job, store: JobStore) -> dict:
         "finished": _iso(job.finished),
         "url": base,
         "image_url": base + "/image",
-        "video_url": base + "/video" if job.status == "succeeded" else None,
+        "video_url": base + "/video" if job.status == "succeeded" and not job.files_deleted else None,
+        "priority": PRIORITY_NAMES.get(job.priority, str(job.priority)),
+        "webhook": job.webhook,
+        "files_deleted": _iso(job.files_deleted),
     }
 
 
@@ -68,6 +73,8 @@ def _multipart_schema() -> dict:
                 "maximum": s["max"],
                 "description": s["help"],
             }
+    props["priority"] = {"type": "string", "enum": list(PRIORITIES), "description": "queue order (normal)"}
+    props["webhook"] = {"type": "string", "description": "URL POSTed the job, signed, when it ends"}
     schema = {"type": "object", "required": ["image"], "properties": props}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
@@ -92,14 +99,15 @@ def _refusal(ctx: Context, store: JobStore) -> JSONResponse | None:
     return _queue_full(ctx, store, queued) if queued >= ctx.max_queue else None
 
 
-async def _read_job(request: Request, ctx: Context) -> tuple[dict, bytes, str, str]:
-    """(parameters, image bytes, extension, mime type) of the upload, checked against a worker's memory;
-    raises ParameterError (NotEnoughMemory among them), HTTPException."""
+async def _read_job(request: Request, ctx: Context) -> tuple[dict, dict, bytes, str, str]:
+    """(parameters, queue options, image bytes, extension, mime type) of the upload, checked against a
+    worker's memory; raises ParameterError (NotEnoughMemory among them), HTTPException."""
     limit = ctx.max_upload_bytes
     upload.check_length(request, limit)
     form = await upload.read_form(request, limit)
     try:
         params = upload.parse_params(form)
+        queue_options = options.parse(form, ctx.webhook_secret is not None)
         async with ctx.decode_slots:  # a bounded number of uploads in memory and being decoded at once
             data = await upload.read_image(form, limit)
             ext, mime, size = await run_in_threadpool(upload.sniff_image, data)
@@ -108,7 +116,21 @@ async def _read_job(request: Request, ctx: Context) -> tuple[dict, bytes, str, s
     worker = ctx.ready_worker()
     if worker is not None and hasattr(worker, "check"):  # a job no worker could ever hold is refused now
         await run_in_threadpool(worker.check, params, size)
-    return params, data, ext, mime
+    return params, queue_options, data, ext, mime
+
+
+def _replayed(store: JobStore, e: KeyReused) -> JSONResponse:
+    """The answer to a request whose Idempotency-Key was used before: its job, or 422 for another request."""
+    job = store.get(e.job_id)
+    if not e.same or job is None:
+        return error(
+            422,
+            f"this {options.KEY_HEADER} was used for another request (job {e.job_id}) in the last 24 h;"
+            " send a new key for a new job",
+            field=options.KEY_HEADER,
+        )
+    headers = {"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
+    return JSONResponse(job_json(job, store), status_code=202, headers=headers)
 
 
 @router.post(
@@ -134,16 +156,20 @@ async def submit(request: Request, ctx: Context = Depends(get_context)):
     if refusal is not None:
         return refusal
     try:
-        params, data, ext, mime = await _read_job(request, ctx)
+        params, queue_options, data, ext, mime = await _read_job(request, ctx)
+        key = options.idempotency(request.headers, params, data, queue_options)
     except ParameterError as e:
         return error(422, str(e), field=e.field, fields=list(getattr(e, "fields", [e.field])))
     if params["seed"] is None:
         # Below 2**32 so the seed survives JavaScript numbers in the page intact.
         params["seed"] = secrets.randbelow(2**32)
+    create = functools.partial(store.create, idempotency=key, **queue_options)
     try:
-        job = await run_in_threadpool(store.create, params, data, ext, mime, ctx.max_queue)
+        job = await run_in_threadpool(create, params, data, ext, mime, ctx.max_queue)
     except QueueFull as e:
         return await run_in_threadpool(_queue_full, ctx, store, e.queued)
+    except KeyReused as e:
+        return await run_in_threadpool(_replayed, store, e)
     ctx.dispatcher.wake()
     return JSONResponse(job_json(job, store), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -180,6 +206,8 @@ def get_video(job_id: str, ctx: Context = Depends(get_context)):
     """The mp4 of a succeeded job (Range requests supported)."""
     store, job = _find(ctx, job_id)
     path = store.video_path(job)
+    if job.files_deleted:
+        raise HTTPException(410, f"the video was deleted at {_iso(job.files_deleted)} (output retention)")
     if job.status != "succeeded" or path is None or not path.is_file():
         raise HTTPException(404, f"no video: the job is {job.status}")
     return FileResponse(
