@@ -31,6 +31,12 @@ def weights_source(source: str | os.PathLike | None = None) -> str:
     return str(source or os.environ.get(ENV) or DEFAULT_WEIGHTS)
 
 
+def resolve_weights(source: str | os.PathLike | None = None) -> str:
+    """The weights asked for (see `weights_source`) as a local file, downloaded if need be, or "random"."""
+    source = weights_source(source)
+    return source if source == "random" else str(_weights_path(source))
+
+
 def _weights_path(source: str) -> Path:
     path = Path(source).expanduser()
     if path.exists():

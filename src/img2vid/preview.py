@@ -11,15 +11,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 # suffix -> (Pillow format, MIME type). png is a strip of the frames side by side (no animation).
 FORMATS = {".webp": ("WEBP", "image/webp"), ".gif": ("GIF", "image/gif"), ".png": ("PNG", "image/png")}
 BUDGET = 0.01  # the share of the elapsed time previews may take
 
 
-def encode(frames: np.ndarray, fps: float, suffix: str = ".webp") -> bytes:
-    """uint8 (T, h, w, 3) -> an animated WebP or GIF looping at `fps`, or a PNG strip of the frames."""
+def default_suffix() -> str:
+    """Animated WebP (small, every browser shows it) where Pillow can write it, else GIF."""
+    from PIL import features
+
+    return ".webp" if features.check("webp") else ".gif"
+
+
+def encode(frames, fps: float, suffix: str = ".webp") -> bytes:
+    """numpy uint8 (T, h, w, 3) -> an animated WebP or GIF looping at `fps`, or a PNG strip of the frames."""
+    import numpy as np
     from PIL import Image
 
     fmt = FORMATS[suffix][0]
