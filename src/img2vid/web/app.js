@@ -20,6 +20,7 @@ const LABELS = {
   height: "Height",
   fit: "Fit",
   decode_chunk_size: "Decode chunk",
+  interpolate: "Frame interpolation",
 };
 const POLL_MS = 500;
 const EVENT_FAILURES = 3; // event streams that fail in a row before the page polls instead
