@@ -30,7 +30,9 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "width": (MIN_SIDE, MAX_SIDE, "video width in pixels, a multiple of 64"),
     "height": (MIN_SIDE, MAX_SIDE, "video height in pixels, a multiple of 64"),
     "decode_chunk_size": (1, 128, "frames decoded together (changes the video slightly; lower saves memory)"),
+    "interpolate": (1, 4, "frame interpolation (RIFE): 2 or 4 times the frames and fps; 1 none"),
 }
+INTERPOLATE_FACTORS = (1, 2, 4)
 CHOICES: dict[str, tuple[str, ...]] = {"guidance": GUIDANCES, "sampler": SAMPLERS, "fit": FITS}
 INTS = {
     "num_frames",
@@ -41,6 +43,7 @@ INTS = {
     "width",
     "height",
     "decode_chunk_size",
+    "interpolate",
 }
 
 
@@ -60,6 +63,7 @@ class GenerateParams:
     height: int | None = None
     fit: str = "crop"
     decode_chunk_size: int | None = None
+    interpolate: int = 1
 
     def validate(self) -> GenerateParams:
         for f in fields(self):
@@ -100,6 +104,10 @@ def check(name: str, value):
         up = min(MAX_SIDE, down + SIDE_MULTIPLE)
         raise ParameterError(
             name, f"must be a multiple of {SIDE_MULTIPLE}, got {num} (nearest: {down} or {up})"
+        )
+    if name == "interpolate" and num not in INTERPOLATE_FACTORS:
+        raise ParameterError(
+            name, f"must be one of {', '.join(map(str, INTERPOLATE_FACTORS))}, got {value!r}"
         )
     return num
 

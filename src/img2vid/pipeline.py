@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import accel, checkpoint, memory, sampling
+from . import interpolate as interpolation  # the name `interpolate` is generate()'s parameter
 from .config import ModelConfig
-from .errors import Cancelled, ParameterError
+from .errors import ParameterError
 from .image import prepare_image, to_tensor
 from .memory import choose_memory_mode
 from .models import build, init_random
 from .params import GenerateParams
+from .progress import Reporter
 from .version import __version__ as _version
 from .video import Video
 
@@ -55,6 +57,9 @@ class Pipeline:
         self.accel = accel.Report()
         self.unet_forward = self.unet  # the compiled path replaces these two
         self.decoder_forward = self.vae.decoder
+        # RIFE weights for `interpolate` (see img2vid.interpolate); None: IMG2VID_RIFE_WEIGHTS or the default.
+        self.interpolation_weights: str | None = "random" if config.hub_id is None else None
+        self._rife = None  # (source, network) once loaded
 
     def setup(self, mode: str = "fast", reason: str = "as asked", fast_paths="auto") -> Pipeline:
         """Place the networks for the memory mode ("fast" or "low", see img2vid.memory) and apply the fast paths
@@ -168,38 +173,31 @@ class Pipeline:
         height: int | None = None,
         fit: str = "crop",
         decode_chunk_size: int | None = None,
+        interpolate: int = 1,
         sigmas: torch.Tensor | None = None,
-        callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
+        callback: Callable | None = None,
     ) -> Video:
         """Turn one image into a video.
 
         image: a path, bytes, a PIL image or an array. Parameters left as None take the variant's defaults
         (`self.defaults`). `noise` (T, 4, H/8, W/8) and `cond_noise` (3, H, W), standard normal, replace the
-        seeded draws. `sigmas` (descending, ending in 0) replaces the EDM schedule. `callback(step, total,
-        latents)` runs after every step; returning False stops generation with `Cancelled`.
+        seeded draws. `sigmas` (descending, ending in 0) replaces the EDM schedule. `interpolate` 2 or 4 adds
+        RIFE frames between the generated ones ((T-1)*k+1 frames, k times the fps; see img2vid.interpolate).
+        `callback(progress)` receives an img2vid.progress.Progress at each phase and after every step (with a
+        preview of the frames); the older `callback(step, total, latents)` the steps only. Returning False
+        stops generation with `Cancelled`.
 
         The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
         """
-        d = self.config.defaults
-        if num_steps is None:
-            num_steps = d.num_steps if sigmas is None else len(sigmas) - 1
-        p = GenerateParams(
-            num_frames=d.num_frames if num_frames is None else num_frames,
-            num_steps=num_steps,
-            fps_id=fps_id,
-            motion_bucket_id=motion_bucket_id,
-            cond_aug=cond_aug,
-            min_cfg=d.min_cfg if min_cfg is None else min_cfg,
-            max_cfg=d.max_cfg if max_cfg is None else max_cfg,
-            guidance=guidance,
-            sampler=sampler,
-            seed=random.randrange(2**32) if seed is None else seed,
-            width=width,
-            height=height,
-            fit=fit,
-            decode_chunk_size=self.default_decode_chunk() if decode_chunk_size is None else decode_chunk_size,
-        ).validate()
+        p = self._params(
+            dict(num_frames=num_frames, num_steps=num_steps, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
+                 cond_aug=cond_aug, min_cfg=min_cfg, max_cfg=max_cfg, guidance=guidance, sampler=sampler,
+                 seed=seed, width=width, height=height, fit=fit, decode_chunk_size=decode_chunk_size,
+                 interpolate=interpolate),
+            sigmas,
+        )  # fmt: skip
+        rife = self.interpolator() if p.interpolate > 1 else None  # a missing download fails before any step
         started = time.perf_counter()
         timings: dict[str, float] = {}
         mark = _phase_clock(self.device if self.device.type == "cuda" else None, timings)
@@ -208,56 +206,96 @@ class Pipeline:
         # Refuse now what the free memory cannot hold, or choose the lower-memory path that it can.
         fit = memory.check(self, W, H, {**p.as_dict(), "decode_chunk_size": decode_chunk_size})
         memory.use_chunked_attention(self.vae, fit.chunked_attention)
-        T, dev = p.num_frames, self.device
-        lat_shape = (
-            T,
-            self.config.vae.latent_channels,
-            H // self.config.vae.downscale,
-            W // self.config.vae.downscale,
-        )
+        report = Reporter(callback, p.num_steps)
+        report.phase("loading")
+        noise, cond_noise = self._noise(p, W, H, noise, cond_noise)
+        img = to_tensor(pil).to(self.device)[None]  # (1, 3, H, W) in [-1, 1]
+        mark("prepare")
+        report.phase("conditioning")
+        cond = self.condition(img, cond_noise[None], p)
+        mark("conditioning")
+        latents = self._sample(cond, noise, sigmas, p, report, mark)
+        report.phase("decoding")
+        decoded, chunk = self.decode(latents, fit.decode_chunk)
+        frames = to_uint8(decoded)
+        mark("decoding")
+        if rife is not None:
+            report.phase("interpolating")
+            frames = interpolation.interleave(
+                frames, to_uint8(interpolation.in_between(rife, decoded, p.interpolate))
+            )
+            mark("interpolating")
+        params = self._record(p, W, H, chunk, decode_chunk_size, fit)
+        params.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
+        return Video(frames=frames, fps=params["fps"], params=params)
 
+    def _params(self, given: dict, sigmas: torch.Tensor | None) -> GenerateParams:
+        """`given` with the variant's defaults for what is None, validated (ParameterError names the field)."""
+        d = self.config.defaults
+        if given["num_steps"] is None:
+            given["num_steps"] = d.num_steps if sigmas is None else len(sigmas) - 1
+        for name in ("num_frames", "min_cfg", "max_cfg"):
+            if given[name] is None:
+                given[name] = getattr(d, name)
+        if given["seed"] is None:
+            given["seed"] = random.randrange(2**32)
+        if given["decode_chunk_size"] is None:
+            given["decode_chunk_size"] = self.default_decode_chunk()
+        return GenerateParams(**given).validate()
+
+    def _noise(
+        self, p: GenerateParams, W: int, H: int, noise, cond_noise
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent noise (T, 4, h, w) and conditioning noise (3, H, W): the seeded draws, or the given ones."""
+        dev, down = self.device, self.config.vae.downscale
+        lat_shape = (p.num_frames, self.config.vae.latent_channels, H // down, W // down)
         g = torch.Generator(dev).manual_seed(p.seed)
         drawn_cond = torch.randn((1, 3, H, W), generator=g, device=dev)
         drawn_noise = torch.randn(lat_shape, generator=g, device=dev)
         cond_noise = _given(cond_noise, (3, H, W), "cond_noise", dev, drawn_cond[0])
-        noise = _given(noise, lat_shape, "noise", dev, drawn_noise)
+        return _given(noise, lat_shape, "noise", dev, drawn_noise), cond_noise
 
-        img = to_tensor(pil).to(dev)[None]  # (1, 3, H, W) in [-1, 1]
-        mark("prepare")
-        cond = self.condition(img, cond_noise[None], p)
-        mark("conditioning")
+    def _sample(
+        self, cond: dict, noise: torch.Tensor, sigmas, p: GenerateParams, report, mark
+    ) -> torch.Tensor:
+        """The denoising loop: latents (T, 4, h, w), reporting each step."""
         if sigmas is None:
             sigmas = sampling.edm_sigmas(p.num_steps)
-        sigmas = sigmas.to(dev, torch.float32)
-        scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, T).to(dev)
-        denoise = self.denoiser(cond, scales, T)
+        sigmas = sigmas.to(self.device, torch.float32)
+        scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, p.num_frames).to(self.device)
+        denoise = self.denoiser(cond, scales, p.num_frames)
 
-        def on_step(step: int, total: int, x: torch.Tensor) -> None:
+        def on_step(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
             if step == 1:
                 mark("first_step")
-            if callback is not None and callback(step, total, x) is False:
-                raise Cancelled(f"stopped by the callback after step {step} of {total}")
+            report.on_step(step, total, x, denoised)
 
+        report.phase("sampling")
         x = sampling.initial_latents(noise, sigmas)
         latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
         mark("sampling")
-        frames, chunk = self.decode(latents, fit.decode_chunk)
-        frames = to_uint8(frames)
-        mark("decoding")
+        return latents
+
+    def _record(self, p: GenerateParams, W: int, H: int, chunk: int, asked_chunk, fit) -> dict:
+        """The video's metadata: every value used, and notes on what made it differ from the reference."""
+        d = self.config.defaults
         params = {
             "model": self.name,
             **p.as_dict(),
             "width": W,
             "height": H,
             "decode_chunk_size": chunk,
-            "fps": p.fps_id + 1,
+            "fps": (p.fps_id + 1) * p.interpolate,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "device": dev.type,
-            "seconds": round(time.perf_counter() - started, 3),
-            "timings": timings,
+            "device": self.device.type,
             "img2vid": _version,
         }
-        if chunk != d.decode_chunk_size and decode_chunk_size is None and chunk == p.decode_chunk_size:
+        if p.interpolate > 1:
+            params["frames_generated"] = p.num_frames
+            params["interpolation"] = (
+                f"RIFE v4.13 flownet ({interpolation.weights_source(self.interpolation_weights)})"
+            )
+        if chunk != d.decode_chunk_size and asked_chunk is None and chunk == p.decode_chunk_size:
             params["note"] = (
                 f"decoded {chunk} frames at a time (low-memory mode) instead of the reference's "
                 f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
@@ -269,7 +307,15 @@ class Pipeline:
             )
         if fit.note():
             params["memory"] = fit.note()
-        return Video(frames=frames, fps=p.fps_id + 1, params=params)
+        return params
+
+    def interpolator(self):
+        """The RIFE network for `interpolate`, loaded on first use from `self.interpolation_weights`."""
+        source = interpolation.weights_source(self.interpolation_weights)
+        if self._rife is None or self._rife[0] != source:
+            dtype = self.dtype if self.device.type == "cuda" else torch.float32
+            self._rife = (source, interpolation.load_interpolator(source, self.device, dtype))
+        return self._rife[1]
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import Cancelled, Img2VidError
+from .live import LiveJobs
 from .store import Job, JobStore, describe_os_error
 from .worker import Worker, WorkerLost
 
@@ -29,6 +30,7 @@ class Dispatcher:
         self._held: dict[int, str] = {}  # id(worker) -> the job it runs now, for GET /v1/queue
         self._cancel_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.live = LiveJobs()  # phase, ETA and preview of the running jobs
 
     def start(self) -> None:
         for i, worker in enumerate(self.workers):
@@ -129,8 +131,10 @@ class Dispatcher:
         ("failed", message); raises what the worker raised for a job that failed."""
         job_id = job.id
         reported = []
+        self.live.start(job_id)
 
-        def on_progress(step: int, total: int) -> bool:
+        def on_progress(step: int, total: int, info: dict | None = None) -> bool:
+            self.live.update(job_id, info)
             try:
                 self.store.set_progress(job_id, step, total)
             except Exception as e:

@@ -99,7 +99,7 @@ class ProcessWorker:
             message = self._conn.recv()
             if message[0] != "progress":
                 return message
-            self._conn.send(bool(on_progress(message[1], message[2])))
+            self._conn.send(bool(on_progress(*message[1:])))  # step, total and the info dict
 
     def _restart(self) -> str:
         """The child died under a job: say why for the job, and load the model again in a new child."""
@@ -158,8 +158,8 @@ def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
             return
         _, job_id, image, params = request
 
-        def on_progress(step: int, total: int) -> bool:
-            conn.send(("progress", step, total))
+        def on_progress(step: int, total: int, info: dict | None = None) -> bool:
+            conn.send(("progress", step, total, info or {}))
             return conn.recv()
 
         try:

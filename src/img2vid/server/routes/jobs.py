@@ -1,26 +1,32 @@
-"""The job API: submit, list, status, video, input image, cancel."""
+"""The job API: submit, list, status, events, preview, video, input image, cancel."""
 
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 import time
 from datetime import datetime, timezone
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import HTTPException
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ...errors import ParameterError
 from .. import options, upload
 from ..context import Context, ErrorBody, error, get_context
-from ..store import PRIORITIES, Job, JobStore, KeyReused, QueueFull, valid_id
+from ..live import Live
+from ..store import FINISHED, PRIORITIES, Job, JobStore, KeyReused, QueueFull, valid_id
 from .model import parameter_spec
 
 router = APIRouter(tags=["jobs"])
 MAX_OFFSET = 2**63 - 1  # SQLite's largest integer: a larger OFFSET would overflow its binding
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+EVENTS_POLL_S = 0.25  # how often an event stream looks for a change
+EVENTS_KEEPALIVE_S = 15.0  # a comment line now and then keeps proxies from closing a quiet stream
+EVENTS_MAX_S = 30.0  # a stream ends after this (the browser reconnects): shutdown never waits on one for long
 
 
 def _iso(t: float | None) -> str | None:
@@ -36,13 +42,19 @@ def _eta(job: Job, now: float) -> float | None:
     return round(max(0.0, per_step * (job.total - job.step) - (now - job.progress_at)), 1)
 
 
-def job_json(job: Job, store: JobStore) -> dict:
+def job_json(job: Job, store: JobStore, live: Live | None = None) -> dict:
+    """The job as the API shows it; `live` (the dispatcher's) adds its phase and latest preview."""
     base = f"/v1/jobs/{job.id}"
+    phase = live.phase if live is not None and job.status == "running" else None
+    preview = live is not None and live.preview is not None
     return {
         "id": job.id,
         "status": job.status,
         "progress": {"step": job.step, "total": job.total},
-        "eta_s": _eta(job, time.time()),
+        "phase": phase,
+        # Only sampling's steps predict the time left: no "0 s left" while decoding.
+        "eta_s": _eta(job, time.time()) if phase in (None, "sampling") else None,
+        "preview_url": f"{base}/preview?v={live.version}" if preview else None,
         "queue_position": store.queue_position(job),
         "parameters": job.params,
         "resolved_parameters": job.resolved,
@@ -183,7 +195,12 @@ def list_jobs(
     """The history, newest first."""
     store = ctx.get_store()
     jobs, total = store.list(limit, offset)
-    return {"jobs": [job_json(j, store) for j in jobs], "total": total, "limit": limit, "offset": offset}
+    shown = [job_json(j, store, _live(ctx, j.id)) for j in jobs]
+    return {"jobs": shown, "total": total, "limit": limit, "offset": offset}
+
+
+def _live(ctx: Context, job_id: str) -> Live | None:
+    return ctx.dispatcher.live.get(job_id) if ctx.dispatcher is not None else None
 
 
 def _find(ctx: Context, job_id: str) -> tuple[JobStore, Job]:
@@ -196,9 +213,61 @@ def _find(ctx: Context, job_id: str) -> tuple[JobStore, Job]:
 
 @router.get("/v1/jobs/{job_id}")
 def get_job(job_id: str, ctx: Context = Depends(get_context)):
-    """Status, progress {step, total}, eta_s, parameters, error, timestamps, video url."""
+    """Status, progress {step, total}, phase, eta_s, preview url, parameters, error, timestamps, video url."""
     store, job = _find(ctx, job_id)
-    return job_json(job, store)
+    return job_json(job, store, _live(ctx, job_id))
+
+
+def _event(name: str, body: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(body)}\n\n"
+
+
+async def _events(request: Request, ctx: Context, job_id: str):
+    """The stream of `job_events`: a `progress` event at each change, `end` with the final state."""
+    yield "retry: 1000\n\n"  # reconnect after a second when a stream ends or drops
+    last, quiet, started = None, 0.0, time.monotonic()
+    while time.monotonic() - started < EVENTS_MAX_S:
+        try:
+            store, job = await run_in_threadpool(_find, ctx, job_id)
+            body = await run_in_threadpool(job_json, job, store, _live(ctx, job_id))
+        except HTTPException:  # the server is stopping
+            return
+        if job.status in FINISHED:
+            yield _event("end", body)
+            return
+        changed = {k: v for k, v in body.items() if k != "eta_s"}  # the ETA alone ticks without news
+        if changed != last or quiet >= EVENTS_KEEPALIVE_S:
+            yield _event("progress", body)
+            last, quiet = changed, 0.0
+        if await request.is_disconnected():
+            return
+        await anyio.sleep(EVENTS_POLL_S)
+        quiet += EVENTS_POLL_S
+
+
+@router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_context)):
+    """Server-sent events (text/event-stream): `progress` with the job's JSON (status, progress, phase, eta_s,
+    preview_url) whenever it changes, then `end` with its final state. A stream lasts at most 30 s; clients
+    (EventSource does it by itself) connect again. Browsers pass a token as `?token=`."""
+    await run_in_threadpool(_find, ctx, job_id)  # 404 now, not inside a stream
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
+    return StreamingResponse(_events(request, ctx, job_id), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/v1/jobs/{job_id}/preview", responses={200: {"content": {"image/webp": {}, "image/gif": {}}}})
+def get_preview(job_id: str, ctx: Context = Depends(get_context)):
+    """The latest live preview: every frame, small and rough (the latents' colours), as an animated image."""
+    _, job = _find(ctx, job_id)
+    live = _live(ctx, job_id)
+    if live is None or live.preview is None:
+        why = (
+            "it has not reached its first step yet"
+            if job.status in ("queued", "running")
+            else "none was kept"
+        )
+        raise HTTPException(404, f"no preview for this job: {why}")
+    return Response(live.preview, media_type=live.preview_type, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/v1/jobs/{job_id}/video", response_class=FileResponse)
@@ -235,7 +304,7 @@ def cancel_job(job_id: str, ctx: Context = Depends(get_context)):
     job = store.cancel(job_id)
     if job.status == "running":
         if ctx.dispatcher.cancel(job_id):
-            return JSONResponse(job_json(job, store), status_code=202)
+            return JSONResponse(job_json(job, store, _live(ctx, job_id)), status_code=202)
         store.mark_canceled(job_id)  # no slot is running it, so nothing else would ever end it
         job = store.get(job_id)
     return job_json(job, store)
