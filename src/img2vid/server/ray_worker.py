@@ -36,7 +36,10 @@ class Generator:
 
     def __init__(self, load: Callable[[], Any], log_level: str):
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s (actor): %(message)s")
-        self._progress = (0, 0)
+        # The latest report: (count of reports, step, total, info); info as the worker's Progress gives it
+        # (phase, eta_s, and a preview kept until a poll has taken it).
+        self._progress: tuple[int, int, int, dict] = (0, 0, 0, {})
+        self._progress_lock = threading.Lock()
         self._job: str | None = None
         self._stop = threading.Event()
         try:
@@ -55,11 +58,15 @@ class Generator:
 
     def run(self, job_id: str, image: bytes, params: dict) -> tuple:
         """(kind, value, free bytes): ("done", JobResult) or ("raised", a picklable exception)."""
-        self._job, self._progress = job_id, (0, 0)
+        with self._progress_lock:
+            self._job, self._progress = job_id, (0, 0, 0, {})
         self._stop.clear()
 
-        def on_progress(step: int, total: int) -> bool:
-            self._progress = (step, total)
+        def on_progress(step: int, total: int, info: dict | None = None) -> bool:
+            with self._progress_lock:
+                count, _, _, last = self._progress
+                merged = {**last, **(info or {})}  # a preview not yet polled survives a report without one
+                self._progress = (count + 1, step, total, merged)
             return not self._stop.is_set()
 
         try:
@@ -71,11 +78,16 @@ class Generator:
         self._worker.compile_missing()
         return (*outcome, self._worker.capacity)
 
-    def poll(self, job_id: str, keep_going: bool) -> tuple[int, int]:
-        """The running job's (step, total); keep_going=False asks it to stop at its next step."""
+    def poll(self, job_id: str, keep_going: bool) -> tuple[int, int, int, dict]:
+        """The running job's latest (count of reports, step, total, info); keep_going=False asks it to stop at
+        its next step. A preview is handed over once."""
         if not keep_going and self._job == job_id:
             self._stop.set()
-        return self._progress
+        with self._progress_lock:
+            count, step, total, info = self._progress
+            rest = {k: v for k, v in info.items() if k not in ("preview", "preview_type")}
+            self._progress = (count, step, total, rest)
+        return count, step, total, info
 
 
 def _kill(actor) -> None:
@@ -190,14 +202,15 @@ class RayWorker:
         return value
 
     def _follow(self, actor, job_id: str, image: bytes, params: dict, on_progress: Progress) -> tuple:
-        """Start the job on the actor and relay its progress (and a stop) until its outcome comes back."""
+        """Start the job on the actor and relay its progress (phase, ETA, preview) and a stop until its outcome
+        comes back."""
         ref = actor.run.remote(job_id, image, params)
-        keep_going, seen = True, (0, 0)
+        keep_going, seen = True, 0
         while not ray.wait([ref], timeout=POLL_S)[0]:
-            progress = tuple(ray.get(actor.poll.remote(job_id, keep_going)))
-            if progress != seen and progress[0] > 0 and keep_going:
-                seen = progress
-                keep_going = bool(on_progress(*progress))
+            count, step, total, info = ray.get(actor.poll.remote(job_id, keep_going))
+            if count != seen and keep_going:
+                seen = count
+                keep_going = bool(on_progress(step, total, info))
                 if not keep_going:
                     ray.get(actor.poll.remote(job_id, False))
         return ray.get(ref)
