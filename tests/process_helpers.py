@@ -46,8 +46,14 @@ class SlowOnSeed4242(OomOnSeed777):
 
     def generate(self, image, **kwargs):
         if kwargs.get("seed") == 4242:
-            callback = kwargs["callback"]
-            kwargs["callback"] = lambda *args: time.sleep(1) or callback(*args)
+            callback = kwargs["callback"]  # a worker's: it takes one img2vid.progress.Progress
+
+            def slow(progress):
+                if progress.phase == "sampling" and progress.step:
+                    time.sleep(1)
+                return callback(progress)
+
+            kwargs["callback"] = slow
         return super().generate(image, **kwargs)
 
 
