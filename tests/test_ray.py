@@ -147,6 +147,20 @@ def test_cancel_reaches_the_actor(served):
     assert wait(c, submit(c).json()["id"])["status"] == "succeeded"
 
 
+def test_an_actors_job_shows_its_phase_and_live_preview(served):
+    c, workers, recorder = served
+    job_id = submit(c, seed=4242, num_steps=4).json()["id"]
+    _running(c, job_id)
+    deadline = time.monotonic() + DEADLINE_S
+    while (job := c.get(f"/v1/jobs/{job_id}").json())["preview_url"] is None:
+        assert job["status"] == "running" and time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["phase"] == "sampling", job  # a second a step: the first preview comes long before decoding
+    r = c.get(job["preview_url"])
+    assert r.status_code == 200 and r.headers["content-type"] in ("image/webp", "image/gif"), r.headers
+    assert wait(c, job_id)["status"] == "succeeded"
+
+
 def test_an_actor_lost_twice_fails_its_job_with_the_reason(served):
     c, workers, recorder = served
     for index in range(2):
