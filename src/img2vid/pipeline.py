@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +24,7 @@ from .memory import choose_memory_mode
 from .models import build, init_random
 from .params import GenerateParams
 from .video import Video
+from .watermark import embed as embed_watermark
 
 log = logging.getLogger("img2vid")
 
@@ -168,6 +170,9 @@ class Pipeline:
         height: int | None = None,
         fit: str = "crop",
         decode_chunk_size: int | None = None,
+        watermark: bool = False,
+        loop: str = "none",
+        extend: int = 0,
         sigmas: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
     ) -> Video:
@@ -175,8 +180,14 @@ class Pipeline:
 
         image: a path, bytes, a PIL image or an array. Parameters left as None take the variant's defaults
         (`self.defaults`). `noise` (T, 4, H/8, W/8) and `cond_noise` (3, H, W), standard normal, replace the
-        seeded draws. `sigmas` (descending, ending in 0) replaces the EDM schedule. `callback(step, total,
-        latents)` runs after every step; returning False stops generation with `Cancelled`.
+        seeded draws (of the first segment). `sigmas` (descending, ending in 0) replaces the EDM schedule.
+        `callback(step, total, latents)` runs after every step (counted over all segments); returning False
+        stops generation with `Cancelled`.
+
+        `extend=N` adds N segments, each conditioned on the last frame of the one before and joined without
+        repeating it: T + N (T - 1) frames; segment i uses seed + i. `watermark=True` embeds the reference's
+        invisible watermark (img2vid.watermark). `loop="pingpong"` plays the frames forward then back without
+        doubling the end frames (T -> 2T - 2).
 
         The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
@@ -199,6 +210,9 @@ class Pipeline:
             height=height,
             fit=fit,
             decode_chunk_size=self.default_decode_chunk() if decode_chunk_size is None else decode_chunk_size,
+            watermark=watermark,
+            loop=loop or "none",
+            extend=extend or 0,
         ).validate()
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -208,6 +222,64 @@ class Pipeline:
         # Refuse now what the free memory cannot hold, or choose the lower-memory path that it can.
         fit = memory.check(self, W, H, {**p.as_dict(), "decode_chunk_size": decode_chunk_size})
         memory.use_chunked_attention(self.vae, fit.chunked_attention)
+        seeds = segment_seeds(p.seed, p.extend)
+        steps = p.num_steps if sigmas is None else len(sigmas) - 1
+        parts: list[np.ndarray] = []
+        chunk = fit.decode_chunk  # after an out-of-memory retry, later segments keep the smaller chunk
+        for i, seed in enumerate(seeds):
+            if i:  # the next segment starts from the last frame so far, at the video's size
+                pil = prepare_image(parts[-1][-1], W, H, "crop")
+            given = (noise, cond_noise) if i == 0 else (None, None)
+            progress = _segment_progress(callback, i * steps, len(seeds) * steps)
+            frames, chunk = self._segment(pil, p, seed, *given, sigmas, chunk, progress, mark)
+            parts.append(frames if i == 0 else frames[1:])  # a segment's first frame re-renders its input
+        frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if p.watermark:
+            frames = embed_watermark(frames)
+            mark("watermark")
+        if p.loop == "pingpong":
+            frames = pingpong(frames)
+        params = {
+            "model": self.name,
+            **p.as_dict(),
+            "width": W,
+            "height": H,
+            "decode_chunk_size": chunk,
+            "segment_seeds": seeds,
+            "total_frames": len(frames),
+            "fps": p.fps_id + 1,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "seconds": round(time.perf_counter() - started, 3),
+            "timings": timings,
+            "img2vid": _version,
+            **self._notes(chunk, fit, p.decode_chunk_size, chunk_given=decode_chunk_size is not None),
+        }
+        return Video(frames=frames, fps=p.fps_id + 1, params=params)
+
+    def _notes(self, chunk: int, fit, asked: int, chunk_given: bool) -> dict:
+        """What the metadata should say about a decode chunk or memory path other than the one asked for."""
+        d, notes = self.config.defaults, {}
+        if chunk != d.decode_chunk_size and not chunk_given and chunk == asked:
+            notes["note"] = (
+                f"decoded {chunk} frames at a time (low-memory mode) instead of the reference's "
+                f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
+                "slightly; pass decode_chunk_size to choose"
+            )
+        if chunk != fit.decode_chunk:
+            notes["note"] = (
+                f"decoded {chunk} frames at a time after running out of memory at {fit.decode_chunk}"
+            )
+        if fit.note():
+            notes["memory"] = fit.note()
+        return notes
+
+    def _segment(
+        self, pil, p: GenerateParams, seed: int, noise, cond_noise, sigmas, chunk: int, progress, mark
+    ):
+        """One video of p.num_frames frames from the fitted image `pil` and `seed`: (uint8 frames, decode chunk
+        used). The seeded draws come in the reference's order: conditioning noise, then latent noise."""
+        W, H = pil.size
         T, dev = p.num_frames, self.device
         lat_shape = (
             T,
@@ -215,8 +287,7 @@ class Pipeline:
             H // self.config.vae.downscale,
             W // self.config.vae.downscale,
         )
-
-        g = torch.Generator(dev).manual_seed(p.seed)
+        g = torch.Generator(dev).manual_seed(seed)
         drawn_cond = torch.randn((1, 3, H, W), generator=g, device=dev)
         drawn_noise = torch.randn(lat_shape, generator=g, device=dev)
         cond_noise = _given(cond_noise, (3, H, W), "cond_noise", dev, drawn_cond[0])
@@ -226,50 +297,22 @@ class Pipeline:
         mark("prepare")
         cond = self.condition(img, cond_noise[None], p)
         mark("conditioning")
-        if sigmas is None:
-            sigmas = sampling.edm_sigmas(p.num_steps)
-        sigmas = sigmas.to(dev, torch.float32)
+        sigmas = (sampling.edm_sigmas(p.num_steps) if sigmas is None else sigmas).to(dev, torch.float32)
         scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, T).to(dev)
         denoise = self.denoiser(cond, scales, T)
 
         def on_step(step: int, total: int, x: torch.Tensor) -> None:
-            if step == 1:
+            if step == 1 and "first_step" not in mark.seen:
                 mark("first_step")
-            if callback is not None and callback(step, total, x) is False:
-                raise Cancelled(f"stopped by the callback after step {step} of {total}")
+            progress(step, x)
 
         x = sampling.initial_latents(noise, sigmas)
         latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
         mark("sampling")
-        frames, chunk = self.decode(latents, fit.decode_chunk)
+        frames, used = self.decode(latents, chunk)
         frames = to_uint8(frames)
         mark("decoding")
-        params = {
-            "model": self.name,
-            **p.as_dict(),
-            "width": W,
-            "height": H,
-            "decode_chunk_size": chunk,
-            "fps": p.fps_id + 1,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": dev.type,
-            "seconds": round(time.perf_counter() - started, 3),
-            "timings": timings,
-            "img2vid": _version,
-        }
-        if chunk != d.decode_chunk_size and decode_chunk_size is None and chunk == p.decode_chunk_size:
-            params["note"] = (
-                f"decoded {chunk} frames at a time (low-memory mode) instead of the reference's "
-                f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
-                "slightly; pass decode_chunk_size to choose"
-            )
-        if chunk != fit.decode_chunk:
-            params["note"] = (
-                f"decoded {chunk} frames at a time after running out of memory at {fit.decode_chunk}"
-            )
-        if fit.note():
-            params["memory"] = fit.note()
-        return Video(frames=frames, fps=p.fps_id + 1, params=params)
+        return frames, used
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,10 +431,33 @@ def _phase_clock(cuda: torch.device | None, timings: dict[str, float]) -> Callab
         if cuda is not None:
             torch.cuda.synchronize(cuda)
         now = time.perf_counter()
-        timings[name] = round(now - last[0], 3)
+        timings[name] = round(timings.get(name, 0.0) + now - last[0], 3)  # summed over segments
+        mark.seen.add(name)
         last[0] = now
 
+    mark.seen = set()
     return mark
+
+
+def segment_seeds(seed: int, extend: int) -> list[int]:
+    """The seed of each segment: seed, seed + 1, ..., kept within the seed range (below 2**63)."""
+    return [(seed + i) % 2**63 for i in range(extend + 1)]
+
+
+def _segment_progress(callback, offset: int, total: int) -> Callable[[int, torch.Tensor], None]:
+    """progress(step, latents) for one segment: calls callback(offset + step, total, latents) and raises
+    Cancelled when it returns False."""
+
+    def progress(step: int, x: torch.Tensor) -> None:
+        if callback is not None and callback(offset + step, total, x) is False:
+            raise Cancelled(f"stopped by the callback after step {offset + step} of {total}")
+
+    return progress
+
+
+def pingpong(frames: np.ndarray) -> np.ndarray:
+    """Forward then backward, the end frames not doubled: f0..fT-1, fT-2..f1 (2T - 2 frames; T when T <= 2)."""
+    return np.concatenate([frames, frames[-2:0:-1]])
 
 
 def to_uint8(frames: torch.Tensor):
