@@ -30,7 +30,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS
 from .errors import ImageError, Img2VidError
-from .params import CHOICES, DTYPES, MAX_SIDE, MEMORY_MODES, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
+from .params import BOOLS, CHOICES, DTYPES, MAX_SIDE, MEMORY_MODES, MIN_SIDE, RANGES, SIDE_MULTIPLE, check
 
 PROG = "img2vid"
 DEFAULT_MODEL = "svd-xt"
@@ -52,6 +52,9 @@ FLAGS = {
     "height": "--size",
     "fit": "--fit",
     "decode_chunk_size": "--decode-chunk",
+    "watermark": "--watermark",
+    "loop": "--loop",
+    "extend": "--extend",
 }
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -133,6 +136,7 @@ def _add_generate_parser(sub) -> None:
     g = p.add_argument_group("generation")
     _add_sampling_options(g)
     _add_picture_options(g)
+    _add_provenance_options(p.add_argument_group("length, loops and provenance"))
     _add_runtime_options(p.add_argument_group("runtime"))
     p.set_defaults(func=cmd_generate)
 
@@ -195,6 +199,23 @@ def _add_picture_options(g) -> None:
         "--decode-chunk",
         metavar="N",
         help=_range_help("decode_chunk_size", f"the model's ({chunk} for {DEFAULT_MODEL})"),
+    )
+
+
+def _add_provenance_options(g) -> None:
+    g.add_argument("--extend", metavar="N", help=_range_help("extend", "0") + "; T + N(T-1) frames")
+    g.add_argument(
+        "--loop",
+        metavar="{" + ",".join(CHOICES["loop"]) + "}",
+        help="pingpong: play forward then backward (2T-2 frames), for a seamless loop (default none)",
+    )
+    g.add_argument("--watermark", action="store_true", help=BOOLS["watermark"] + " (as the reference does)")
+    g.add_argument(
+        "--sign",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="add a C2PA manifest signed with this PEM certificate chain and private key (mp4, gif, webp, png; "
+        'needs pip install "img2vid[c2pa]")',
     )
 
 
@@ -282,11 +303,14 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         ("min_cfg", "min_cfg"),
         ("max_cfg", "max_cfg"),
         ("decode_chunk_size", "decode_chunk"),
+        ("extend", "extend"),
     ):
         text = getattr(args, attr)
         if text is not None:
             kwargs[name] = _checked(name, _number(text))
-    for name in ("guidance", "sampler", "fit"):
+    if args.watermark:
+        kwargs["watermark"] = True
+    for name in ("guidance", "sampler", "fit", "loop"):
         text = getattr(args, name)
         if text is not None:
             kwargs[name] = _checked(name, text.strip().lower())
@@ -652,6 +676,7 @@ class _Run:
 
     kwargs: dict  # for Pipeline.generate
     fps: float | None
+    sign: tuple[bytes, bytes] | None  # PEM certificate chain and key for a C2PA manifest
     jobs: list[Job]
     several: bool  # a folder or several seeds: report a summary at the end
     failures: list[str] = field(default_factory=list)  # one message each, naming the file
@@ -696,8 +721,21 @@ def _checked_run(args: argparse.Namespace) -> _Run:
     args.memory = _choice("--memory", args.memory, MEMORY_MODES)
     jobs, fmt = plan(args, seeds, fmt)
     _check_codec(fmt)
+    sign = _check_signing(args.sign, fmt)
     check_device(args.device)
-    return _Run(kwargs, fps, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
+    return _Run(kwargs, fps, sign, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
+
+
+def _check_signing(given: list[str] | None, fmt: str) -> tuple[bytes, bytes] | None:
+    """--sign's certificate and key, read now: a missing c2pa extra or file fails before the model loads."""
+    if given is None:
+        return None
+    from .provenance import check_signing
+
+    try:
+        return check_signing(_output_suffix(fmt), *given)
+    except Img2VidError as e:
+        raise UsageError(f"--sign: {e}") from None
 
 
 def _drop_unusable(args: argparse.Namespace, run: _Run) -> None:
@@ -755,7 +793,7 @@ def _make_video(args: argparse.Namespace, run: _Run, pipe, job: Job, i: int, tot
     t0 = time.perf_counter()
     try:
         video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **run.kwargs)
-        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps)
+        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps, sign=run.sign)
     except Img2VidError as e:  # a bad image, too large for the memory, an output that appeared meanwhile
         if args.debug:
             raise
