@@ -479,7 +479,7 @@ SIGTERM_SCRIPT = """
 import pathlib, sys, time
 from img2vid import cli, video
 
-def stalled_write(tmp, kind, frames, rate, text):
+def stalled_write(tmp, kind, frames, rate, *text_and_xmp):
     tmp.write_bytes(b"half a video")
     pathlib.Path(sys.argv[1]).write_text(str(tmp))  # tell the test: the temporary exists now
     time.sleep(120)

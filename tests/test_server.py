@@ -578,7 +578,7 @@ def test_a_failed_video_write_fails_the_job_and_the_worker_goes_on(tmp_path, mon
 def test_a_failed_write_inside_the_worker_fails_the_job_with_the_path(tmp_path, monkeypatch, pipe):
     import errno
 
-    def encode_then_run_out_of_space(tmp, kind, frames, rate, text):
+    def encode_then_run_out_of_space(tmp, kind, frames, rate, *text_and_xmp):
         tmp.write_bytes(b"half an mp4")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
