@@ -222,6 +222,11 @@ def test_existing_outputs_in_a_folder_run_are_skipped(tmp_path, image, capsys, n
         (["--interpolate", "3"], "--interpolate: must be one of 1, 2, 4, got 3"),
         (["--preview", "live.jpg"], "--preview live.jpg: the name must end in .webp, .gif, .png"),
         (["--preview", "nowhere/live.gif"], "the folder nowhere does not exist"),
+        (["--extend", "17"], "--extend: must be between 0 and 16, got 17"),
+        (["--extend", "two"], "--extend: must be an integer"),
+        (["--loop", "bounce"], "--loop: must be one of none, pingpong"),
+        (["--sign", "nope.pem", "nope.key"], "--sign: cannot read the signing certificate nope.pem"),
+        (["--sign", "a.pem", "b.key", "-o", "clip.webm"], "--sign: C2PA cannot sign .webm files"),
     ],
 )
 def test_bad_values_fail_before_loading(tmp_path, image, capsys, no_load, monkeypatch, flags, expect):
@@ -507,7 +512,7 @@ SIGTERM_SCRIPT = """
 import pathlib, sys, time
 from img2vid import cli, video
 
-def stalled_write(tmp, kind, frames, rate, text):
+def stalled_write(tmp, kind, frames, rate, *text_and_xmp):
     tmp.write_bytes(b"half a video")
     pathlib.Path(sys.argv[1]).write_text(str(tmp))  # tell the test: the temporary exists now
     time.sleep(120)
@@ -547,3 +552,28 @@ def test_a_size_the_memory_cannot_hold_is_a_clear_error_exit_2(tmp_path, image, 
     assert line.startswith("img2vid: error: width, height, num_frames: 2048x2048 with 3 frames needs about ")
     assert line.endswith("free on the cpu: try a smaller size or fewer frames")
     assert list(tmp_path.iterdir()) == [image]
+
+
+def test_extend_loop_and_watermark_reach_the_video(tmp_path, image, capsys):
+    from img2vid import provenance, watermark
+    from img2vid.video import read_metadata
+
+    out = tmp_path / "long.gif"
+    flags = ["--extend", "1", "--loop", "pingpong", "--watermark", "--seed", "4", "-o", str(out), "--quiet"]
+    assert cli.main(["generate", str(image), *FAST, *flags]) == 0
+    meta = read_metadata(out)
+    assert meta["extend"] == 1 and meta["segment_seeds"] == [4, 5] and meta["loop"] == "pingpong"
+    assert meta["watermark"] is True and meta["total_frames"] == 2 * (3 + 2) - 2
+    with Image.open(out) as im:
+        assert im.n_frames == 8 and im.info["loop"] == 0
+        first = np.asarray(im.convert("RGB"))
+    assert watermark.bit_accuracy(first) > 0.9  # through the GIF palette
+    assert provenance.read_provenance(out)["model"] == "tiny"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_sign_without_the_c2pa_extra_says_how_to_install(tmp_path, image, capsys, no_load, monkeypatch):
+    monkeypatch.setitem(sys.modules, "c2pa", None)  # import c2pa raises ImportError
+    out = str(tmp_path / "x.mp4")
+    assert cli.main(["generate", str(image), *FAST, "--sign", "a.pem", "b.key", "-o", out]) == 2
+    assert 'pip install "img2vid[c2pa]"' in one_error_line(capsys.readouterr().err)

@@ -168,6 +168,27 @@ def test_submit_poll_download(tmp_path, pipe):
         assert r.status_code == 409 and "succeeded" in r.json()["detail"]
 
 
+def test_watermark_loop_and_extend_fields(tmp_path, pipe):
+    from img2vid import provenance, watermark
+
+    with client(tmp_path, pipeline=pipe) as c:
+        spec = c.get("/v1/model").json()["parameters"]
+        assert spec["watermark"]["type"] == "bool" and spec["loop"]["choices"] == ["none", "pingpong"]
+        assert (spec["extend"]["min"], spec["extend"]["max"]) == (0, 16)
+        job = wait(c, submit(c, watermark="on", loop="pingpong", extend=1, seed=3).json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["parameters"]["watermark"] is True and job["parameters"]["extend"] == 1
+        assert job["progress"] == {"step": 4, "total": 4}  # two segments of two steps
+        video = c.get(job["video_url"]).content
+    path = tmp_path / "v.mp4"
+    path.write_bytes(video)
+    assert provenance.read_provenance(path)["model"] == pipe.name
+    with av.open(str(path)) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 2 * (3 + 2) - 2
+    assert np.mean([watermark.bit_accuracy(fr) for fr in frames]) > 0.75  # H.264 weakens it
+
+
 def test_seed_is_kept_exactly_and_history_pages_newest_first(tmp_path):
     with client(tmp_path) as c:  # no workers: the jobs just queue
         big = 2**63 - 1
@@ -366,6 +387,7 @@ def _bad_values():
     yield "cond_aug", "nan"
     yield "width", "300"  # in range, not a multiple of 64
     yield "interpolate", "3"  # in range, not a factor RIFE is run for
+    yield "watermark", "maybe"
     yield "colour", "red"  # not a parameter at all
 
 
@@ -569,7 +591,7 @@ def test_a_failed_video_write_fails_the_job_and_the_worker_goes_on(tmp_path, mon
 def test_a_failed_write_inside_the_worker_fails_the_job_with_the_path(tmp_path, monkeypatch, pipe):
     import errno
 
-    def encode_then_run_out_of_space(tmp, kind, frames, rate, text):
+    def encode_then_run_out_of_space(tmp, kind, frames, rate, *text_and_xmp):
         tmp.write_bytes(b"half an mp4")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from .config import PRESETS
 from .errors import ImageError, Img2VidError, UsageError
 from .params import (
+    BOOLS,
     CHOICES,
     DTYPES,
     MAX_SIDE,
@@ -63,6 +64,9 @@ FLAGS = {
     "fit": "--fit",
     "decode_chunk_size": "--decode-chunk",
     "interpolate": "--interpolate",
+    "watermark": "--watermark",
+    "loop": "--loop",
+    "extend": "--extend",
 }
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -140,6 +144,7 @@ def _add_generate_parser(sub) -> None:
     g = p.add_argument_group("generation")
     _add_sampling_options(g)
     _add_picture_options(g)
+    _add_provenance_options(p.add_argument_group("length, loops and provenance"))
     _add_runtime_options(p.add_argument_group("runtime"))
     p.set_defaults(func=cmd_generate)
 
@@ -213,6 +218,23 @@ def _add_picture_options(g) -> None:
         metavar="PATH|HUB_ID",
         help="RIFE v4.13 flownet .safetensors: a file, or owner/name[/file] on the hub (default: "
         "$IMG2VID_RIFE_WEIGHTS, else imaginairy/rife-interpolation)",
+    )
+
+
+def _add_provenance_options(g) -> None:
+    g.add_argument("--extend", metavar="N", help=_range_help("extend", "0") + "; T + N(T-1) frames")
+    g.add_argument(
+        "--loop",
+        metavar="{" + ",".join(CHOICES["loop"]) + "}",
+        help="pingpong: play forward then backward (2T-2 frames), for a seamless loop (default none)",
+    )
+    g.add_argument("--watermark", action="store_true", help=BOOLS["watermark"] + " (as the reference does)")
+    g.add_argument(
+        "--sign",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="add a C2PA manifest signed with this PEM certificate chain and private key (mp4, gif, webp, png; "
+        'needs pip install "img2vid[c2pa]")',
     )
 
 
@@ -307,11 +329,14 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         ("max_cfg", "max_cfg"),
         ("decode_chunk_size", "decode_chunk"),
         ("interpolate", "interpolate"),
+        ("extend", "extend"),
     ):
         text = getattr(args, attr)
         if text is not None:
             kwargs[name] = _checked(name, _number(text))
-    for name in ("guidance", "sampler", "fit"):
+    if args.watermark:
+        kwargs["watermark"] = True
+    for name in ("guidance", "sampler", "fit", "loop"):
         text = getattr(args, name)
         if text is not None:
             kwargs[name] = _checked(name, text.strip().lower())
@@ -720,6 +745,7 @@ class _Run:
 
     kwargs: dict  # for Pipeline.generate
     fps: float | None
+    sign: tuple[bytes, bytes] | None  # PEM certificate chain and key for a C2PA manifest
     jobs: list[Job]
     several: bool  # a folder or several seeds: report a summary at the end
     failures: list[str] = field(default_factory=list)  # one message each, naming the file
@@ -767,12 +793,25 @@ def _checked_run(args: argparse.Namespace) -> _Run:
     args.memory = _choice("--memory", args.memory, MEMORY_MODES)
     jobs, fmt = plan(args, seeds, fmt)
     _check_codec(fmt)
+    sign = _check_signing(args.sign, fmt)
     check_device(args.device)
-    run = _Run(kwargs, fps, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
+    run = _Run(kwargs, fps, sign, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
     run.preview = parse_preview(args.preview)
     if kwargs.get("interpolate", 1) > 1:
         run.rife = interpolation_weights(args)
     return run
+
+
+def _check_signing(given: list[str] | None, fmt: str) -> tuple[bytes, bytes] | None:
+    """--sign's certificate and key, read now: a missing c2pa extra or file fails before the model loads."""
+    if given is None:
+        return None
+    from .provenance import check_signing
+
+    try:
+        return check_signing(_output_suffix(fmt), *given)
+    except Img2VidError as e:
+        raise UsageError(f"--sign: {e}") from None
 
 
 def _drop_unusable(args: argparse.Namespace, run: _Run) -> None:
@@ -833,7 +872,7 @@ def _make_video(args: argparse.Namespace, run: _Run, pipe, job: Job, i: int, tot
         video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **run.kwargs)
         if progress is not None:
             progress.set_phase("writing")
-        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps)
+        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps, sign=run.sign)
     except Img2VidError as e:  # a bad image, too large for the memory, an output that appeared meanwhile
         if args.debug:
             raise

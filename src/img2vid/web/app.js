@@ -6,6 +6,9 @@ const TOKEN_KEY = "img2vid.token";
 // The fields shown up front; the rest live under "More settings".
 const MAIN_PARAMS = ["num_frames", "num_steps", "motion_bucket_id", "fps_id", "seed", "width", "height"];
 const LABELS = {
+  watermark: "Invisible watermark",
+  loop: "Loop",
+  extend: "Extend (segments)",
   num_frames: "Frames",
   num_steps: "Steps",
   fps_id: "Frame rate id",
@@ -160,6 +163,9 @@ function buildForm() {
     if (spec.type === "choice") {
       input = document.createElement("select");
       for (const c of spec.choices) input.append(new Option(c, c));
+    } else if (spec.type === "bool") {
+      input = document.createElement("input");
+      input.type = "checkbox";
     } else {
       input = document.createElement("input");
       input.type = "number";
@@ -191,7 +197,7 @@ function buildForm() {
 
     const help = document.createElement("small");
     help.className = "help";
-    const range = spec.type === "choice" ? "" : ` (${spec.min}–${fmtMax(spec.max)}${spec.multiple_of ? `, ×${spec.multiple_of}` : ""})`;
+    const range = spec.type === "choice" || spec.type === "bool" ? "" : ` (${spec.min}–${fmtMax(spec.max)}${spec.multiple_of ? `, ×${spec.multiple_of}` : ""})`;
     help.textContent = spec.help + range;
     field.append(help);
 
@@ -214,7 +220,8 @@ function fmtMax(max) {
 function fillForm(values) {
   for (const [name, value] of Object.entries(values)) {
     const input = document.getElementById("p-" + name);
-    if (input) input.value = value === null || value === undefined ? "" : String(value);
+    if (input && input.type === "checkbox") input.checked = value === true || value === "true";
+    else if (input) input.value = value === null || value === undefined ? "" : String(value);
   }
 }
 
@@ -259,7 +266,8 @@ async function generate() {
   const data = new FormData();
   data.append("image", state.file, state.file.name);
   for (const input of $("#params").querySelectorAll("input, select")) {
-    if (input.value !== "") data.append(input.name, input.value);
+    if (input.type === "checkbox") data.append(input.name, input.checked ? "true" : "false");
+    else if (input.value !== "") data.append(input.name, input.value);
   }
   const button = $("#generate");
   button.disabled = true;

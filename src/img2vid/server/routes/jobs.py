@@ -78,6 +78,8 @@ def _multipart_schema() -> dict:
     for name, s in parameter_spec().items():
         if s["type"] == "choice":
             props[name] = {"type": "string", "enum": s["choices"], "description": s["help"]}
+        elif s["type"] == "bool":
+            props[name] = {"type": "boolean", "description": s["help"]}
         else:
             props[name] = {
                 "type": "integer" if s["type"] == "int" else "number",
