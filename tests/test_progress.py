@@ -137,3 +137,21 @@ def test_write_atomic_replaces_and_leaves_nothing_behind(tmp_path):
     preview.write_atomic(target, b"one")
     preview.write_atomic(target, b"two")
     assert target.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["p.webp"]
+
+
+def test_the_eta_of_a_later_segment_counts_only_its_own_steps(monkeypatch):
+    from types import SimpleNamespace
+
+    from img2vid import progress
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=clock))
+    seen = []
+    report = progress.Reporter(seen.append, total=4)  # two segments (generate's extend) of two steps
+    for segment in range(2):
+        clock.now += 10.0  # conditioning (and, before the second, the first one's decoding)
+        report.phase("sampling")
+        for step in (1, 2):
+            clock.now += 1.0  # a second a step
+            report.on_step(2 * segment + step, 4, torch.zeros(1), torch.zeros(1, 4, 1, 1))
+    assert [p.eta_s for p in seen if p.latents is not None] == [3.0, 2.0, 1.0, 0.0]  # the steps

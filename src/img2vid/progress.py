@@ -79,10 +79,11 @@ class Reporter:
         self.legacy = callback is not None and _legacy(callback)
         self.start = self.sampling_start = time.perf_counter()
         self.step = 0
+        self.steps_before = 0  # steps of earlier segments (generate's extend), not timed by this sampling
 
     def phase(self, name: str) -> None:
         if name == "sampling":
-            self.sampling_start = time.perf_counter()
+            self.sampling_start, self.steps_before = time.perf_counter(), self.step
         if not self.legacy:
             self._send(Progress(name, self.step, self.total, None, self._elapsed()))
 
@@ -91,7 +92,7 @@ class Reporter:
         self.step, self.total = step, total
         if self.legacy:
             return self._check(self.callback(step, total, x))
-        per_step = (time.perf_counter() - self.sampling_start) / step
+        per_step = (time.perf_counter() - self.sampling_start) / max(1, step - self.steps_before)
         eta = round(per_step * (total - step), 1)
         self._send(Progress("sampling", step, total, eta, self._elapsed(), latents=x, denoised=denoised))
 
