@@ -131,3 +131,26 @@ def test_missing_weights_fail_before_any_step(tiny, monkeypatch):
     with pytest.raises(CheckpointError, match="not in the local huggingface_hub cache"):
         tiny.generate(np.zeros((256, 256, 3), np.uint8), interpolate=2, callback=steps.append)
     assert steps == []
+
+
+def test_extend_interpolate_watermark_and_loop_together(tiny):
+    from img2vid import watermark
+
+    kw = dict(width=256, height=256, num_frames=3, num_steps=2, seed=5)
+    image = np.random.RandomState(8).randint(0, 256, (256, 256, 3), dtype=np.uint8)
+    long = tiny.generate(image, extend=1, **kw)  # 3 + 2 generated frames
+    seen = []
+    video = tiny.generate(
+        image, extend=1, interpolate=2, watermark=True, loop="pingpong", callback=seen.append, **kw
+    )
+    # The two segments are interpolated as one video, then every frame is marked, then played back and forth.
+    forward = video.frames[: (5 - 1) * 2 + 1]
+    assert video.num_frames == 2 * len(forward) - 2 and video.params["total_frames"] == video.num_frames
+    np.testing.assert_array_equal(forward[::2], watermark.embed(long.frames))
+    assert [watermark.bit_accuracy(f) for f in forward[1::2]] == [1.0] * 4  # the new frames carry it too
+    p = video.params
+    assert p["frames_generated"] == 5 and p["segment_seeds"] == [5, 6] and p["fps"] == long.fps * 2
+    assert [x.phase for x in seen if x.phase != "sampling"] == [
+        "loading", "conditioning", "decoding", "conditioning", "decoding", "interpolating",
+    ]  # fmt: skip
+    assert [x.step for x in seen if x.latents is not None] == [1, 2, 3, 4] and seen[-1].total == 4
