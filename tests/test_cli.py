@@ -577,3 +577,12 @@ def test_sign_without_the_c2pa_extra_says_how_to_install(tmp_path, image, capsys
     out = str(tmp_path / "x.mp4")
     assert cli.main(["generate", str(image), *FAST, "--sign", "a.pem", "b.key", "-o", out]) == 2
     assert 'pip install "img2vid[c2pa]"' in one_error_line(capsys.readouterr().err)
+
+
+def test_a_later_segments_sampling_start_writes_no_preview(tmp_path):
+    from img2vid.progress import Progress as Report
+
+    preview = tmp_path / "live.webp"
+    p = cli.Progress("a.png", 4, io.StringIO(), preview=preview)
+    p(Report("sampling", 2, 4))  # with --extend, segment 2 starts sampling after 2 steps: no preview in it
+    assert p.preview == preview and not preview.exists()

@@ -825,3 +825,13 @@ def test_interpolation_through_the_api(tmp_path, pipe):
         assert resolved["interpolate"] == 4 and resolved["fps"] == 28 and resolved["frames_generated"] == 3
         with av.open(io.BytesIO(c.get(job["video_url"]).content)) as f:
             assert len(list(f.decode(video=0))) == (3 - 1) * 4 + 1
+
+
+def test_a_later_segments_sampling_start_is_reported_without_a_preview():
+    from img2vid.progress import Progress as Report
+    from img2vid.server.worker import ProgressReports
+
+    seen = []
+    reports = ProgressReports(lambda step, total, info: seen.append((step, total, info)) or True, {})
+    assert reports(Report("sampling", 2, 4)) is True  # extend: segment 2 starts sampling after 2 steps
+    assert seen == [(2, 4, {"phase": "sampling", "eta_s": None})]

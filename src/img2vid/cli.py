@@ -620,7 +620,7 @@ class Progress:
         print(f"{PROG}: {self.label}: {text}", file=self.stream, flush=True)
 
     def _write_preview(self, p) -> None:
-        if self.preview is None:
+        if self.preview is None or p.preview is None:  # None: a later segment's sampling starts (--extend)
             return
         from .preview import Throttle, encode, write_atomic
 

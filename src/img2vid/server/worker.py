@@ -108,7 +108,8 @@ class ProgressReports:
 
         self.step, self.total = int(p.step), int(p.total)
         info = {"phase": p.phase, "eta_s": p.eta_s}
-        if p.phase == "sampling" and p.step:
+        # p.preview is None for the report that starts sampling, which has steps before it under extend.
+        if p.phase == "sampling" and p.step and p.preview is not None:
             data = self.throttle.run(lambda: encode(p.preview, self.fps, self.suffix))
             if data is not None:
                 info.update(preview=data, preview_type=FORMATS[self.suffix][1])
