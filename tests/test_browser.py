@@ -19,7 +19,12 @@ sync_api = pytest.importorskip(
 )
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_server import GatedWorker, pipe, png  # noqa: E402, F401  (pipe: the shared model fixture)
+from test_server import (  # noqa: E402, F401  (pipe: the shared model fixture)
+    DecodingGatedWorker,
+    GatedWorker,
+    pipe,
+    png,
+)
 
 from img2vid.server import create_app  # noqa: E402
 
@@ -38,8 +43,13 @@ sync_api.expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture
-def worker(pipe):  # noqa: F811
-    return GatedWorker(pipe)
+def worker_class():
+    return GatedWorker
+
+
+@pytest.fixture
+def worker(pipe, worker_class):  # noqa: F811
+    return worker_class(pipe)
 
 
 @pytest.fixture
@@ -203,3 +213,31 @@ def test_token_is_asked_once_and_media_still_plays(server, worker, page, tmp_pat
     page.reload()  # kept in localStorage: not asked again
     expect(page.locator("#p-num_steps")).to_be_visible()
     expect(page.locator("#token-form")).to_be_hidden()
+
+
+@pytest.mark.parametrize("worker_class", [DecodingGatedWorker])
+def test_live_preview_and_phase(server, worker, page, tmp_path, worker_class):
+    expect = sync_api.expect
+    image = tmp_path / "cat.png"
+    image.write_bytes(png())
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(server + "/")
+    page.set_input_files("#file", str(image))
+    for name, value in {"num_steps": "2", "num_frames": "3", "width": "256", "height": "256"}.items():
+        page.fill(f"#p-{name}", value)
+    page.click("#generate")
+
+    # The worker holds the job as it starts decoding: the preview of the last step shows, animated.
+    expect(page.locator("#progress-text")).to_have_attribute("data-phase", "decoding")
+    expect(page.locator("#progress-text")).to_have_text("Decoding…")
+    expect(page.locator("#live-preview")).to_be_visible()
+    page.wait_for_function("() => document.querySelector('#live-preview').naturalWidth === 32")
+    assert "/preview?v=" in page.eval_on_selector("#live-preview", "img => img.src")
+    worker.release.set()
+
+    expect(page.locator("#progress-text")).to_have_attribute("data-phase", "done")
+    expect(page.locator("#live-preview")).to_be_hidden()
+    expect(page.locator("#video")).to_be_visible()
+    assert any("/events" in url for url in requests)  # followed by server-sent events, not polling
+    assert not [url for url in requests if re.search(r"/v1/jobs/[0-9a-f]{32}$", url)]

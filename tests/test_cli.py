@@ -219,6 +219,14 @@ def test_existing_outputs_in_a_folder_run_are_skipped(tmp_path, image, capsys, n
         (["-o", "clip.avi"], "unknown video format '.avi'"),
         (["-o", "clip.gif", "--format", "mp4"], "-o clip.gif is a gif output but --format says mp4"),
         (["--seeds", "1,2", "-o", "clip.mp4"], "-o names a folder"),
+        (["--interpolate", "3"], "--interpolate: must be one of 1, 2, 4, got 3"),
+        (["--preview", "live.jpg"], "--preview live.jpg: the name must end in .webp, .gif, .png"),
+        (["--preview", "nowhere/live.gif"], "the folder nowhere does not exist"),
+        (["--extend", "17"], "--extend: must be between 0 and 16, got 17"),
+        (["--extend", "two"], "--extend: must be an integer"),
+        (["--loop", "bounce"], "--loop: must be one of none, pingpong"),
+        (["--sign", "nope.pem", "nope.key"], "--sign: cannot read the signing certificate nope.pem"),
+        (["--sign", "a.pem", "b.key", "-o", "clip.webm"], "--sign: C2PA cannot sign .webm files"),
     ],
 )
 def test_bad_values_fail_before_loading(tmp_path, image, capsys, no_load, monkeypatch, flags, expect):
@@ -355,6 +363,8 @@ def test_output_naming(tmp_path, monkeypatch):
 
 
 def test_progress_lines():
+    from img2vid.progress import Progress as Report
+
     class Stream(io.StringIO):
         def __init__(self, tty):
             super().__init__()
@@ -365,23 +375,51 @@ def test_progress_lines():
 
     plain = Stream(False)
     p = cli.Progress("a.png", 30, plain)
+    p(Report("conditioning", 0, 30))
     for step in range(1, 31):
-        p(step, 30, None)
+        p(Report("sampling", step, 30, eta_s=30.0 - step))
+    p(Report("decoding", 30, 30))
+    p.set_phase("writing")
     lines = plain.getvalue().splitlines()
-    assert len(lines) == 11  # the first step (a first ETA), then every 10%
-    assert lines[0].startswith("img2vid: a.png: step 1/30 (3%)") and "ETA" in lines[0]
+    assert len(lines) == 13  # the first step (a first ETA), then every 10%, then decoding and writing
+    assert lines[0].startswith("img2vid: a.png: step 1/30 (3%)") and lines[0].endswith("ETA 29.0s")
     assert lines[1].startswith("img2vid: a.png: step 3/30 (10%)")
-    assert lines[-1].startswith("img2vid: a.png: step 30/30 (100%)") and lines[-1].endswith("decoding")
+    assert lines[10].startswith("img2vid: a.png: step 30/30 (100%)") and "ETA" not in lines[10]
+    assert lines[11:] == ["img2vid: a.png: decoding", "img2vid: a.png: writing"]
 
     tty = Stream(True)
     p = cli.Progress("a.png", 4, tty)
-    p(1, 4, None)
-    p(2, 4, None)
+    p(Report("sampling", 1, 4, eta_s=3.0))
+    p(Report("sampling", 2, 4, eta_s=2.0))
     text = tty.getvalue()
     assert "\n" not in text and text.count("\r") == 3
-    assert "a.png 2/4 [" in text and "ETA" in text
+    assert "a.png 2/4 [" in text and "ETA 2.0s" in text
+    p(Report("sampling", 4, 4, eta_s=0.0))
+    p(Report("decoding", 4, 4))
+    assert tty.getvalue().rstrip().endswith("decoding...") and "ETA 0" not in tty.getvalue()
     p.clear()
     assert tty.getvalue().endswith("\r")
+
+
+def test_preview_file_and_interpolation(tmp_path, image, capsys):
+    out, preview = tmp_path / "out.mp4", tmp_path / "live.webp"
+    args = ["generate", str(image), *FAST, "--interpolate", "2", "--preview", str(preview), "-o", str(out)]
+    assert cli.main(args) == 0
+    frames, rate = read_av(out)
+    assert len(frames) == (3 - 1) * 2 + 1 and rate == 14  # fps_id 6: 7 fps, doubled
+    with Image.open(preview) as im:
+        assert im.format == "WEBP" and im.n_frames == 3 and im.size == (32, 32)  # every frame at 1/8 size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".live.webp")]  # no temporary file left
+    err = capsys.readouterr().err
+    assert "decoding" in err and "interpolating" in err and "writing" in err
+
+
+def test_missing_interpolation_weights_fail_before_loading(tmp_path, image, capsys, no_load, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["generate", str(image), *FAST, "--interpolate", "2", "--interpolate-weights", "nobody/rife"]
+    assert cli.main([*args, "-o", str(tmp_path / "a.mp4")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not in the local huggingface_hub cache" in line and "hf download nobody/rife" in line
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,7 +512,7 @@ SIGTERM_SCRIPT = """
 import pathlib, sys, time
 from img2vid import cli, video
 
-def stalled_write(tmp, kind, frames, rate, text):
+def stalled_write(tmp, kind, frames, rate, *text_and_xmp):
     tmp.write_bytes(b"half a video")
     pathlib.Path(sys.argv[1]).write_text(str(tmp))  # tell the test: the temporary exists now
     time.sleep(120)
@@ -514,3 +552,37 @@ def test_a_size_the_memory_cannot_hold_is_a_clear_error_exit_2(tmp_path, image, 
     assert line.startswith("img2vid: error: width, height, num_frames: 2048x2048 with 3 frames needs about ")
     assert line.endswith("free on the cpu: try a smaller size or fewer frames")
     assert list(tmp_path.iterdir()) == [image]
+
+
+def test_extend_loop_and_watermark_reach_the_video(tmp_path, image, capsys):
+    from img2vid import provenance, watermark
+    from img2vid.video import read_metadata
+
+    out = tmp_path / "long.gif"
+    flags = ["--extend", "1", "--loop", "pingpong", "--watermark", "--seed", "4", "-o", str(out), "--quiet"]
+    assert cli.main(["generate", str(image), *FAST, *flags]) == 0
+    meta = read_metadata(out)
+    assert meta["extend"] == 1 and meta["segment_seeds"] == [4, 5] and meta["loop"] == "pingpong"
+    assert meta["watermark"] is True and meta["total_frames"] == 2 * (3 + 2) - 2
+    with Image.open(out) as im:
+        assert im.n_frames == 8 and im.info["loop"] == 0
+        first = np.asarray(im.convert("RGB"))
+    assert watermark.bit_accuracy(first) > 0.9  # through the GIF palette
+    assert provenance.read_provenance(out)["model"] == "tiny"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_sign_without_the_c2pa_extra_says_how_to_install(tmp_path, image, capsys, no_load, monkeypatch):
+    monkeypatch.setitem(sys.modules, "c2pa", None)  # import c2pa raises ImportError
+    out = str(tmp_path / "x.mp4")
+    assert cli.main(["generate", str(image), *FAST, "--sign", "a.pem", "b.key", "-o", out]) == 2
+    assert 'pip install "img2vid[c2pa]"' in one_error_line(capsys.readouterr().err)
+
+
+def test_a_later_segments_sampling_start_writes_no_preview(tmp_path):
+    from img2vid.progress import Progress as Report
+
+    preview = tmp_path / "live.webp"
+    p = cli.Progress("a.png", 4, io.StringIO(), preview=preview)
+    p(Report("sampling", 2, 4))  # with --extend, segment 2 starts sampling after 2 steps: no preview in it
+    assert p.preview == preview and not preview.exists()

@@ -190,6 +190,11 @@ def test_callback_can_cancel(tiny):
         ({"width": 300, "height": 256}, "width"),
         ({"noise": torch.zeros(2, 4, 4, 4)}, "noise"),
         ({"cond_noise": torch.zeros(3, 8, 8)}, "cond_noise"),
+        ({"extend": -1}, "extend"),
+        ({"extend": 17}, "extend"),
+        ({"extend": 1.5}, "extend"),
+        ({"loop": "bounce"}, "loop"),
+        ({"watermark": "maybe"}, "watermark"),
     ],
 )
 def test_bad_parameters_name_the_field(tiny, kwargs, field):
@@ -323,3 +328,54 @@ def test_shapes_without_artifacts_run_eagerly_then_are_built(monkeypatch, tmp_pa
     built.clear()
     pipe.warmup(width=256, height=256, num_frames=2)
     assert [b for b in built if b[1] == 2] == [("unet", 2), ("decoder", 2)]
+
+
+def test_extend_chains_segments_on_their_last_frames(tiny):
+    img = np.random.RandomState(5).randint(0, 256, (256, 256, 3), dtype=np.uint8)
+    kw = dict(width=256, height=256, num_frames=4, num_steps=2)
+    steps = []
+    v = tiny.generate(img, seed=11, extend=2, callback=lambda s, t, x: steps.append((s, t)), **kw)
+    assert v.num_frames == 4 + 2 * 3 and v.params["total_frames"] == 10
+    assert steps == [(s, 6) for s in range(1, 7)]  # progress counts the steps of every segment
+    assert v.params["extend"] == 2 and v.params["segment_seeds"] == [11, 12, 13]
+    first = tiny.generate(img, seed=11, **kw).frames
+    np.testing.assert_array_equal(v.frames[:4], first)  # segment 0 is the plain video of the seed
+    # Segment 1 is the video of seed 12 conditioned on segment 0's last frame, without its first frame.
+    second = tiny.generate(first[-1], seed=12, **kw).frames
+    np.testing.assert_array_equal(v.frames[4:7], second[1:])
+    again = tiny.generate(img, seed=11, extend=2, **kw).frames
+    np.testing.assert_array_equal(v.frames, again)  # same seed, same long video
+    assert not np.array_equal(tiny.generate(img, seed=12, extend=2, **kw).frames, v.frames)
+
+
+def test_segment_seeds_stay_in_the_seed_range():
+    from img2vid.pipeline import segment_seeds
+
+    assert segment_seeds(2**63 - 1, 2) == [2**63 - 1, 0, 1]
+
+
+def test_pingpong_plays_forward_then_back(tiny):
+    from img2vid.pipeline import pingpong
+
+    frames = np.arange(5)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    assert [int(f[0, 0, 0]) for f in pingpong(frames)] == [0, 1, 2, 3, 4, 3, 2, 1]
+    assert len(pingpong(frames[:2])) == 2 and len(pingpong(frames[:1])) == 1
+    img = np.random.RandomState(6).randint(0, 256, (256, 256, 3), dtype=np.uint8)
+    kw = dict(width=256, height=256, num_frames=4, num_steps=1, seed=3)
+    plain = tiny.generate(img, **kw).frames
+    looped = tiny.generate(img, loop="pingpong", **kw)
+    assert looped.num_frames == 6 and looped.params["loop"] == "pingpong"
+    np.testing.assert_array_equal(looped.frames, plain[[0, 1, 2, 3, 2, 1]])
+
+
+def test_watermark_marks_every_frame(tiny):
+    from img2vid import watermark
+
+    img = np.random.RandomState(7).randint(0, 256, (256, 256, 3), dtype=np.uint8)
+    kw = dict(width=256, height=256, num_frames=3, num_steps=1, seed=2)
+    plain = tiny.generate(img, **kw)
+    marked = tiny.generate(img, watermark=True, **kw)
+    assert marked.params["watermark"] is True and plain.params["watermark"] is False
+    assert [watermark.bit_accuracy(f) for f in marked.frames] == [1.0] * 3
+    assert max(watermark.bit_accuracy(f) for f in plain.frames) < 1.0
+    np.testing.assert_array_equal(marked.frames, watermark.embed(plain.frames))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 import time
@@ -57,16 +58,27 @@ class GatedWorker:
     def close(self):
         self.inner.close()
 
+    def holds(self, step, info) -> bool:
+        """Where the job waits for `release`: its first step."""
+        return step > 0
+
     def run(self, job_id, image, params, on_progress):
-        def gated(step, total):
-            if not self.reached.is_set():
+        def gated(step, total, info=None):
+            if not self.reached.is_set() and self.holds(step, info or {}):
                 self.reached.set()
                 while not self.release.wait(0.01):
-                    if not on_progress(step, total):
+                    if not on_progress(step, total, info):
                         return False
-            return on_progress(step, total)
+            return on_progress(step, total, info)
 
         return self.inner.run(job_id, image, params, gated)
+
+
+class DecodingGatedWorker(GatedWorker):
+    """Holds its first job when it starts decoding: after every step, with a preview made."""
+
+    def holds(self, step, info) -> bool:
+        return info.get("phase") == "decoding"
 
 
 def png(w=320, h=256, noise=False) -> bytes:
@@ -154,6 +166,27 @@ def test_submit_poll_download(tmp_path, pipe):
 
         r = c.delete(f"/v1/jobs/{job_id}")
         assert r.status_code == 409 and "succeeded" in r.json()["detail"]
+
+
+def test_watermark_loop_and_extend_fields(tmp_path, pipe):
+    from img2vid import provenance, watermark
+
+    with client(tmp_path, pipeline=pipe) as c:
+        spec = c.get("/v1/model").json()["parameters"]
+        assert spec["watermark"]["type"] == "bool" and spec["loop"]["choices"] == ["none", "pingpong"]
+        assert (spec["extend"]["min"], spec["extend"]["max"]) == (0, 16)
+        job = wait(c, submit(c, watermark="on", loop="pingpong", extend=1, seed=3).json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["parameters"]["watermark"] is True and job["parameters"]["extend"] == 1
+        assert job["progress"] == {"step": 4, "total": 4}  # two segments of two steps
+        video = c.get(job["video_url"]).content
+    path = tmp_path / "v.mp4"
+    path.write_bytes(video)
+    assert provenance.read_provenance(path)["model"] == pipe.name
+    with av.open(str(path)) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 2 * (3 + 2) - 2
+    assert np.mean([watermark.bit_accuracy(fr) for fr in frames]) > 0.75  # H.264 weakens it
 
 
 def test_seed_is_kept_exactly_and_history_pages_newest_first(tmp_path):
@@ -353,6 +386,8 @@ def _bad_values():
     yield "num_steps", "2.5"
     yield "cond_aug", "nan"
     yield "width", "300"  # in range, not a multiple of 64
+    yield "interpolate", "3"  # in range, not a factor RIFE is run for
+    yield "watermark", "maybe"
     yield "colour", "red"  # not a parameter at all
 
 
@@ -556,7 +591,7 @@ def test_a_failed_video_write_fails_the_job_and_the_worker_goes_on(tmp_path, mon
 def test_a_failed_write_inside_the_worker_fails_the_job_with_the_path(tmp_path, monkeypatch, pipe):
     import errno
 
-    def encode_then_run_out_of_space(tmp, kind, frames, rate, text):
+    def encode_then_run_out_of_space(tmp, kind, frames, rate, *text_and_xmp):
         tmp.write_bytes(b"half an mp4")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
@@ -727,8 +762,76 @@ def test_a_worker_process_that_dies_fails_only_its_job(tmp_path):
         )
         job = wait(c, submit(c, seed=1).json()["id"])  # waits while a new process loads the model
         assert job["status"] == "succeeded" and job["progress"] == {"step": 2, "total": 2}
+        # previews cross the process seam as bytes
+        assert c.get(job["preview_url"]).headers["content-type"] == "image/webp"
         assert c.get("/readyz").status_code == 200 and c.get("/v1/model").json()["model"] == "tiny"
         assert c.get(job["video_url"]).status_code == 200
         # The worker process told the server how much memory it has: a job it cannot hold is refused.
         r = submit(c, width=2048, height=2048)
         assert r.status_code == 422 and r.json()["fields"] == ["width", "height", "num_frames"]
+
+
+# -- live progress: phases, previews, events, interpolation -----------------------------------------------
+
+
+def read_events(response):
+    """(name, data) of each server-sent event of a streamed response, as they arrive."""
+    name = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: ") :])
+
+
+def test_events_preview_and_phase_while_decoding(tmp_path, pipe):
+    worker = DecodingGatedWorker(pipe)
+    with client(tmp_path, worker) as c:
+        job_id = submit(c).json()["id"]
+        seen = []
+        with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for name, body in read_events(r):
+                seen.append((name, body["status"], body["phase"]))
+                if body["phase"] == "decoding" and not worker.release.is_set():
+                    # held at decoding: no "0 s left", and the preview of the last step is there
+                    assert body["eta_s"] is None and body["progress"] == {"step": 2, "total": 2}
+                    preview = c.get(body["preview_url"])
+                    assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
+                    assert preview.headers["cache-control"] == "no-store"
+                    with Image.open(io.BytesIO(preview.content)) as im:
+                        assert im.n_frames == 3 and im.size == (32, 32)  # every frame, at latent size
+                    assert c.get(f"/v1/jobs/{job_id}").json()["phase"] == "decoding"
+                    worker.release.set()
+        assert seen[-1] == ("end", "succeeded", None)
+        assert ("progress", "running", "decoding") in seen
+
+
+def test_no_preview_before_the_first_step(tmp_path):
+    with client(tmp_path) as c:  # no workers: the job stays queued
+        job_id = submit(c).json()["id"]
+        r = c.get(f"/v1/jobs/{job_id}/preview")
+        assert r.status_code == 404 and "has not reached its first step" in r.json()["detail"]
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        assert job["preview_url"] is None and job["phase"] is None
+        assert c.get("/v1/jobs/" + "0" * 32 + "/events").status_code == 404
+
+
+def test_interpolation_through_the_api(tmp_path, pipe):
+    with client(tmp_path, pipeline=pipe) as c:
+        job = wait(c, submit(c, interpolate=4).json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        resolved = job["resolved_parameters"]
+        assert resolved["interpolate"] == 4 and resolved["fps"] == 28 and resolved["frames_generated"] == 3
+        with av.open(io.BytesIO(c.get(job["video_url"]).content)) as f:
+            assert len(list(f.decode(video=0))) == (3 - 1) * 4 + 1
+
+
+def test_a_later_segments_sampling_start_is_reported_without_a_preview():
+    from img2vid.progress import Progress as Report
+    from img2vid.server.worker import ProgressReports
+
+    seen = []
+    reports = ProgressReports(lambda step, total, info: seen.append((step, total, info)) or True, {})
+    assert reports(Report("sampling", 2, 4)) is True  # extend: segment 2 starts sampling after 2 steps
+    assert seen == [(2, 4, {"phase": "sampling", "eta_s": None})]

@@ -614,6 +614,25 @@ def resolve(source: str | os.PathLike, variant: str | None = None) -> Weights | 
 # Strict loading into the networks
 
 
+def key_problems(expected: dict[str, tuple], present: dict[str, tuple | None]) -> list[str]:
+    """Every missing, unexpected and mis-shaped key of a file (`present`, shapes None where unknown) against a
+    network (`expected`), each kind in one line naming up to 20."""
+
+    def listed(keys: list[str]) -> str:
+        return f"{len(keys)} key(s): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+
+    missing = sorted(expected.keys() - present.keys())
+    unexpected = sorted(present.keys() - expected.keys())
+    bad_shapes = [
+        f"{k}: file {present[k]}, model {expected[k]}"
+        for k in sorted(present.keys() & expected.keys())
+        if present[k] is not None and tuple(present[k]) != tuple(expected[k])
+    ]
+    problems = [f"missing {listed(missing)}"] if missing else []
+    problems += [f"unexpected {listed(unexpected)}"] if unexpected else []
+    return problems + ([f"shape mismatch: {'; '.join(bad_shapes[:20])}"] if bad_shapes else [])
+
+
 def load_into(
     nets: dict[str, torch.nn.Module], weights: Weights, device: torch.device, dtype: torch.dtype
 ) -> None:
@@ -621,25 +640,8 @@ def load_into(
     expected = {
         file_key(c, k): (c, k, tuple(t.shape)) for c, net in nets.items() for k, t in net.state_dict().items()
     }
-    present = set(weights.shapes)
-    unexpected = sorted(k for k in present - expected.keys() if not UNUSED.match(k))
-    missing = sorted(set(expected) - present)
-    bad_shapes = [
-        f"{k}: file {weights.shapes[k]}, model {expected[k][2]}"
-        for k in sorted(present & expected.keys())
-        if weights.shapes[k] is not None and weights.shapes[k] != expected[k][2]
-    ]
-    problems = []
-    if missing:
-        problems.append(
-            f"missing {len(missing)} key(s): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
-        )
-    if unexpected:
-        problems.append(
-            f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
-        )
-    if bad_shapes:
-        problems.append(f"shape mismatch: {'; '.join(bad_shapes[:20])}")
+    shapes = {k: v for k, v in weights.shapes.items() if k in expected or not UNUSED.match(k)}
+    problems = key_problems({k: v[2] for k, v in expected.items()}, shapes)
     if problems:
         raise CheckpointError(
             f"{weights.description}: checkpoint does not match the {weights.config.name} network: "

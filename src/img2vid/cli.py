@@ -30,6 +30,7 @@ from pathlib import Path
 from .config import PRESETS
 from .errors import ImageError, Img2VidError, UsageError
 from .params import (
+    BOOLS,
     CHOICES,
     DTYPES,
     MAX_SIDE,
@@ -62,6 +63,10 @@ FLAGS = {
     "height": "--size",
     "fit": "--fit",
     "decode_chunk_size": "--decode-chunk",
+    "interpolate": "--interpolate",
+    "watermark": "--watermark",
+    "loop": "--loop",
+    "extend": "--extend",
 }
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -139,6 +144,7 @@ def _add_generate_parser(sub) -> None:
     g = p.add_argument_group("generation")
     _add_sampling_options(g)
     _add_picture_options(g)
+    _add_provenance_options(p.add_argument_group("length, loops and provenance"))
     _add_runtime_options(p.add_argument_group("runtime"))
     p.set_defaults(func=cmd_generate)
 
@@ -202,6 +208,34 @@ def _add_picture_options(g) -> None:
         metavar="N",
         help=_range_help("decode_chunk_size", f"the model's ({chunk} for {DEFAULT_MODEL})"),
     )
+    g.add_argument(
+        "--interpolate",
+        metavar="{1,2,4}",
+        help="add frames with RIFE: 2 or 4 times the frames ((N-1)*k+1) and the frame rate (default 1: none)",
+    )
+    g.add_argument(
+        "--interpolate-weights",
+        metavar="PATH|HUB_ID",
+        help="RIFE v4.13 flownet .safetensors: a file, or owner/name[/file] on the hub (default: "
+        "$IMG2VID_RIFE_WEIGHTS, else imaginairy/rife-interpolation)",
+    )
+
+
+def _add_provenance_options(g) -> None:
+    g.add_argument("--extend", metavar="N", help=_range_help("extend", "0") + "; T + N(T-1) frames")
+    g.add_argument(
+        "--loop",
+        metavar="{" + ",".join(CHOICES["loop"]) + "}",
+        help="pingpong: play forward then backward (2T-2 frames), for a seamless loop (default none)",
+    )
+    g.add_argument("--watermark", action="store_true", help=BOOLS["watermark"] + " (as the reference does)")
+    g.add_argument(
+        "--sign",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="add a C2PA manifest signed with this PEM certificate chain and private key (mp4, gif, webp, png; "
+        'needs pip install "img2vid[c2pa]")',
+    )
 
 
 def _add_runtime_options(r) -> None:
@@ -220,6 +254,12 @@ def _add_runtime_options(r) -> None:
         help="fast: all on the GPU; low: for small GPUs, same result; auto: by free memory (default)",
     )
     _add_accel_options(r)
+    r.add_argument(
+        "--preview",
+        metavar="FILE",
+        help="keep FILE (.webp or .gif: animated; .png: the frames side by side) updated with a rough preview of "
+        "every frame while sampling",
+    )
     r.add_argument(
         "--timings",
         action="store_true",
@@ -288,11 +328,15 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         ("min_cfg", "min_cfg"),
         ("max_cfg", "max_cfg"),
         ("decode_chunk_size", "decode_chunk"),
+        ("interpolate", "interpolate"),
+        ("extend", "extend"),
     ):
         text = getattr(args, attr)
         if text is not None:
             kwargs[name] = _checked(name, _number(text))
-    for name in ("guidance", "sampler", "fit"):
+    if args.watermark:
+        kwargs["watermark"] = True
+    for name in ("guidance", "sampler", "fit", "loop"):
         text = getattr(args, name)
         if text is not None:
             kwargs[name] = _checked(name, text.strip().lower())
@@ -334,6 +378,31 @@ def parse_fps(text: str | None) -> float | None:
     if not MIN_FPS <= fps <= MAX_FPS:  # what every format stores faithfully (see video.py)
         raise UsageError(f"--fps: must be between {MIN_FPS:g} and {MAX_FPS:g}, got {text!r}")
     return fps
+
+
+def parse_preview(text: str | None) -> Path | None:
+    from .preview import FORMATS
+
+    if text is None:
+        return None
+    path = Path(text)
+    if path.suffix.lower() not in FORMATS:
+        raise UsageError(f"--preview {text}: the name must end in {', '.join(FORMATS)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--preview {text}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"--preview {text}: is a folder")
+    return path
+
+
+def interpolation_weights(args: argparse.Namespace) -> str:
+    """The RIFE weights, found (downloaded if need be) now: a missing file fails before the model loads."""
+    preset = PRESETS.get(args.model)
+    if args.interpolate_weights is None and preset is not None and preset.hub_id is None:
+        return "random"  # a random-weights preset gets a random interpolator too
+    from . import interpolate
+
+    return interpolate.resolve_weights(args.interpolate_weights)
 
 
 def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | None:
@@ -493,44 +562,86 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
-class Progress:
-    """The generate callback: one updating line on a terminal, else a plain line every ~10% of the steps."""
+PHASE_TEXT = {
+    "loading": "starting...",
+    "conditioning": "encoding the image...",
+    "sampling": "sampling...",
+    "decoding": "decoding...",
+    "interpolating": "interpolating...",
+    "writing": "writing...",
+}
 
-    def __init__(self, label: str, total: int, stream=None):
+
+class Progress:
+    """The generate callback: one updating line on a terminal, else a plain line every ~10% of the steps and one
+    per phase after sampling. With `preview`, that file keeps the latest preview (as often as its ~1% budget
+    allows)."""
+
+    def __init__(self, label: str, total: int, stream=None, preview: Path | None = None, fps: float = 7):
         self.label, self.total = label, total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self.shown = 0  # length of the line on screen (tty)
         self.last_tenth = -1
+        self.step, self.phase = 0, "loading"
+        self.preview, self.fps = preview, fps
+        self.throttle = None
         if self.tty:
-            self._draw(0, total, 0.0, None)
+            self._draw(None)
 
-    def __call__(self, step: int, total: int, latents=None) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (total - step) if step else None  # the mean step time so far
-        if self.tty:
-            self._draw(step, total, elapsed, eta)
-            return
-        tenth = step * 10 // total
-        if tenth > self.last_tenth or step == total:
-            self.last_tenth = tenth
-            tail = "; decoding" if step == total else f", ETA {_duration(eta)}"
-            print(
-                f"{PROG}: {self.label}: step {step}/{total} ({100 * step // total}%), "
-                f"{_duration(elapsed)} elapsed{tail}",
-                file=self.stream,
-                flush=True,
-            )
-
-    def _draw(self, step: int, total: int, elapsed: float, eta: float | None) -> None:
-        cols = shutil.get_terminal_size((80, 24)).columns
-        if step == total:
-            tail = "decoding..."
+    def __call__(self, p) -> None:
+        self.step, self.total = p.step, p.total
+        if p.phase == "sampling" and p.step:
+            self._on_step(p.eta_s)
+            self._write_preview(p)
         else:
-            tail = "starting..." if eta is None else f"ETA {_duration(eta)}"
+            self.set_phase(p.phase)
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        if self.tty:
+            self._draw(None)
+        elif phase in ("decoding", "interpolating", "writing"):
+            self._print(PHASE_TEXT[phase].removesuffix("..."))
+
+    def _on_step(self, eta: float | None) -> None:
+        self.phase = "sampling"
+        if self.tty:
+            return self._draw(eta)
+        tenth = self.step * 10 // self.total
+        if tenth > self.last_tenth or self.step == self.total:
+            self.last_tenth = tenth
+            tail = "" if self.step == self.total else f", ETA {_duration(eta or 0)}"
+            self._print(f"step {self.step}/{self.total} ({100 * self.step // self.total}%), "
+                        f"{_duration(time.perf_counter() - self.start)} elapsed{tail}")  # fmt: skip
+
+    def _print(self, text: str) -> None:
+        print(f"{PROG}: {self.label}: {text}", file=self.stream, flush=True)
+
+    def _write_preview(self, p) -> None:
+        if self.preview is None or p.preview is None:  # None: a later segment's sampling starts (--extend)
+            return
+        from .preview import Throttle, encode, write_atomic
+
+        self.throttle = self.throttle or Throttle()
+        try:
+            data = self.throttle.run(lambda: encode(p.preview, self.fps, self.preview.suffix.lower()))
+            if data is not None:
+                write_atomic(self.preview, data)
+        except OSError as e:  # the video matters more than its preview: say so once and go on
+            self.preview = None
+            _error(f"--preview: cannot write {e.filename or ''}: {e.strerror or e}; previews stopped")
+
+    def _draw(self, eta: float | None) -> None:
+        cols = shutil.get_terminal_size((80, 24)).columns
+        step, total = self.step, self.total
+        if self.phase == "sampling" and eta is not None and step < total:
+            tail = f"ETA {_duration(eta)}"
+        else:
+            tail = PHASE_TEXT.get(self.phase, self.phase)
         head = f"{self.label} {step}/{total} "
-        rest = f" {_duration(elapsed)} {tail}"
+        rest = f" {_duration(time.perf_counter() - self.start)} {tail}"
         width = max(10, min(30, cols - 1 - len(head) - len(rest) - 2))
         filled = width * step // max(total, 1)
         line = f"{head}[{'#' * filled}{'.' * (width - filled)}]{rest}"[: cols - 1]
@@ -634,9 +745,12 @@ class _Run:
 
     kwargs: dict  # for Pipeline.generate
     fps: float | None
+    sign: tuple[bytes, bytes] | None  # PEM certificate chain and key for a C2PA manifest
     jobs: list[Job]
     several: bool  # a folder or several seeds: report a summary at the end
     failures: list[str] = field(default_factory=list)  # one message each, naming the file
+    preview: Path | None = None  # --preview
+    rife: str | None = None  # the interpolation weights, resolved before the model loads
     bad_input: bool = False
     runtime_failed: bool = False
     made: int = 0
@@ -655,6 +769,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _drop_unusable(args, run)
     if run.jobs:
         pipe = _load_model(args)
+        pipe.interpolation_weights = run.rife or pipe.interpolation_weights
         total_steps = run.kwargs.get("num_steps") or pipe.defaults["num_steps"]
         for i, job in enumerate(run.jobs, 1):
             if not _make_video(args, run, pipe, job, i, total_steps):
@@ -678,8 +793,25 @@ def _checked_run(args: argparse.Namespace) -> _Run:
     args.memory = _choice("--memory", args.memory, MEMORY_MODES)
     jobs, fmt = plan(args, seeds, fmt)
     _check_codec(fmt)
+    sign = _check_signing(args.sign, fmt)
     check_device(args.device)
-    return _Run(kwargs, fps, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
+    run = _Run(kwargs, fps, sign, jobs, several=len(jobs) > 1 or Path(args.input).is_dir())
+    run.preview = parse_preview(args.preview)
+    if kwargs.get("interpolate", 1) > 1:
+        run.rife = interpolation_weights(args)
+    return run
+
+
+def _check_signing(given: list[str] | None, fmt: str) -> tuple[bytes, bytes] | None:
+    """--sign's certificate and key, read now: a missing c2pa extra or file fails before the model loads."""
+    if given is None:
+        return None
+    from .provenance import check_signing
+
+    try:
+        return check_signing(_output_suffix(fmt), *given)
+    except Img2VidError as e:
+        raise UsageError(f"--sign: {e}") from None
 
 
 def _drop_unusable(args: argparse.Namespace, run: _Run) -> None:
@@ -732,12 +864,15 @@ def _make_video(args: argparse.Namespace, run: _Run, pipe, job: Job, i: int, tot
     """Generate and write one job's video; False when the run must stop (a run-time failure)."""
     global _active
     label = f"[{i}/{len(run.jobs)}] {job.label}" if len(run.jobs) > 1 else job.label
-    progress = None if args.quiet else Progress(label, total_steps)
+    fps = (run.kwargs.get("fps_id", 6) + 1) * run.kwargs.get("interpolate", 1)
+    progress = None if args.quiet else Progress(label, total_steps, preview=run.preview, fps=fps)
     _active = progress
     t0 = time.perf_counter()
     try:
         video = pipe.generate(str(job.image), seed=job.seed, callback=progress, **run.kwargs)
-        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps)
+        if progress is not None:
+            progress.set_phase("writing")
+        path = video.save(job.output, overwrite=args.overwrite, fps=run.fps, sign=run.sign)
     except Img2VidError as e:  # a bad image, too large for the memory, an output that appeared meanwhile
         if args.debug:
             raise

@@ -15,6 +15,7 @@ MEMORY_MODES = ("auto", "fast", "low")  # see img2vid.memory; here so the CLI ca
 DTYPES = ("fp16", "bf16", "fp32")
 GUIDANCES = ("linear", "triangle", "constant")
 FITS = ("crop", "pad")
+LOOPS = ("none", "pingpong")
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 64
 
 # field -> (low, high, help). Inclusive ranges; None means the model's default decides.
@@ -30,8 +31,23 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "width": (MIN_SIDE, MAX_SIDE, "video width in pixels, a multiple of 64"),
     "height": (MIN_SIDE, MAX_SIDE, "video height in pixels, a multiple of 64"),
     "decode_chunk_size": (1, 128, "frames decoded together (changes the video slightly; lower saves memory)"),
+    "interpolate": (1, 4, "frame interpolation (RIFE): 2 or 4 times the frames and fps; 1 none"),
+    "extend": (0, 16, "more segments, each starting from the last frame of the one before (longer video)"),
 }
-CHOICES: dict[str, tuple[str, ...]] = {"guidance": GUIDANCES, "sampler": SAMPLERS, "fit": FITS}
+INTERPOLATE_FACTORS = (1, 2, 4)
+CHOICES: dict[str, tuple[str, ...]] = {"guidance": GUIDANCES, "sampler": SAMPLERS, "fit": FITS, "loop": LOOPS}
+# on/off parameters: True/False, or the text a form or command line sends for them.
+BOOLS: dict[str, str] = {"watermark": "embed the reference's invisible watermark in every frame"}
+BOOL_TEXT = {
+    "true": True,
+    "1": True,
+    "on": True,
+    "yes": True,
+    "false": False,
+    "0": False,
+    "off": False,
+    "no": False,
+}
 INTS = {
     "num_frames",
     "num_steps",
@@ -41,6 +57,8 @@ INTS = {
     "width",
     "height",
     "decode_chunk_size",
+    "interpolate",
+    "extend",
 }
 
 
@@ -60,6 +78,10 @@ class GenerateParams:
     height: int | None = None
     fit: str = "crop"
     decode_chunk_size: int | None = None
+    interpolate: int = 1
+    watermark: bool = False
+    loop: str = "none"
+    extend: int = 0
 
     def validate(self) -> GenerateParams:
         for f in fields(self):
@@ -77,6 +99,12 @@ def check(name: str, value):
     """Return `value` converted to its type, or raise ParameterError naming `name`."""
     if value is None:
         return None
+    if name in BOOLS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_TEXT:
+            return BOOL_TEXT[value.strip().lower()]
+        raise ParameterError(name, f"must be true or false, got {value!r}")
     if name in CHOICES:
         if not isinstance(value, str) or value not in CHOICES[name]:
             raise ParameterError(name, f"must be one of {', '.join(CHOICES[name])}, got {value!r}")
@@ -100,6 +128,10 @@ def check(name: str, value):
         up = min(MAX_SIDE, down + SIDE_MULTIPLE)
         raise ParameterError(
             name, f"must be a multiple of {SIDE_MULTIPLE}, got {num} (nearest: {down} or {up})"
+        )
+    if name == "interpolate" and num not in INTERPOLATE_FACTORS:
+        raise ParameterError(
+            name, f"must be one of {', '.join(map(str, INTERPOLATE_FACTORS))}, got {value!r}"
         )
     return num
 

@@ -10,19 +10,23 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import accel, checkpoint, memory, sampling
+from . import interpolate as interpolation  # the name `interpolate` is generate()'s parameter
 from .config import ModelConfig
-from .errors import Cancelled, ParameterError
+from .errors import ParameterError
 from .image import prepare_image, to_tensor
 from .memory import choose_memory_mode
 from .models import build, init_random
 from .params import GenerateParams
+from .progress import Reporter
 from .version import __version__ as _version
 from .video import Video
+from .watermark import embed as embed_watermark
 
 log = logging.getLogger("img2vid")
 
@@ -55,6 +59,9 @@ class Pipeline:
         self.accel = accel.Report()
         self.unet_forward = self.unet  # the compiled path replaces these two
         self.decoder_forward = self.vae.decoder
+        # RIFE weights for `interpolate` (see img2vid.interpolate); None: IMG2VID_RIFE_WEIGHTS or the default.
+        self.interpolation_weights: str | None = "random" if config.hub_id is None else None
+        self._rife = None  # (source, network) once loaded
 
     def setup(self, mode: str = "fast", reason: str = "as asked", fast_paths="auto") -> Pipeline:
         """Place the networks for the memory mode ("fast" or "low", see img2vid.memory) and apply the fast paths
@@ -168,38 +175,39 @@ class Pipeline:
         height: int | None = None,
         fit: str = "crop",
         decode_chunk_size: int | None = None,
+        interpolate: int = 1,
+        watermark: bool = False,
+        loop: str = "none",
+        extend: int = 0,
         sigmas: torch.Tensor | None = None,
-        callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
+        callback: Callable | None = None,
     ) -> Video:
         """Turn one image into a video.
 
         image: a path, bytes, a PIL image or an array. Parameters left as None take the variant's defaults
         (`self.defaults`). `noise` (T, 4, H/8, W/8) and `cond_noise` (3, H, W), standard normal, replace the
-        seeded draws. `sigmas` (descending, ending in 0) replaces the EDM schedule. `callback(step, total,
-        latents)` runs after every step; returning False stops generation with `Cancelled`.
+        seeded draws (of the first segment). `sigmas` (descending, ending in 0) replaces the EDM schedule.
+        `interpolate` 2 or 4 adds RIFE frames between the generated ones ((T-1)*k+1 frames, k times the fps; see
+        img2vid.interpolate). `callback(progress)` receives an img2vid.progress.Progress at each phase and after
+        every step (with a preview of the frames); the older `callback(step, total, latents)` the steps only.
+        Steps are counted over all segments. Returning False stops generation with `Cancelled`.
+
+        `extend=N` adds N segments, each conditioned on the last frame of the one before and joined without
+        repeating it: T + N (T - 1) frames; segment i uses seed + i. `watermark=True` embeds the reference's
+        invisible watermark (img2vid.watermark) in every frame, interpolated ones included. `loop="pingpong"`
+        plays the frames forward then back without doubling the end frames (T -> 2T - 2).
 
         The same seed on the same device and dtype gives the same video. It draws the conditioning noise, then
         the latent noise, from a generator seeded like the reference script's `torch.manual_seed(seed)`.
         """
-        d = self.config.defaults
-        if num_steps is None:
-            num_steps = d.num_steps if sigmas is None else len(sigmas) - 1
-        p = GenerateParams(
-            num_frames=d.num_frames if num_frames is None else num_frames,
-            num_steps=num_steps,
-            fps_id=fps_id,
-            motion_bucket_id=motion_bucket_id,
-            cond_aug=cond_aug,
-            min_cfg=d.min_cfg if min_cfg is None else min_cfg,
-            max_cfg=d.max_cfg if max_cfg is None else max_cfg,
-            guidance=guidance,
-            sampler=sampler,
-            seed=random.randrange(2**32) if seed is None else seed,
-            width=width,
-            height=height,
-            fit=fit,
-            decode_chunk_size=self.default_decode_chunk() if decode_chunk_size is None else decode_chunk_size,
-        ).validate()
+        p = self._params(
+            dict(num_frames=num_frames, num_steps=num_steps, fps_id=fps_id, motion_bucket_id=motion_bucket_id,
+                 cond_aug=cond_aug, min_cfg=min_cfg, max_cfg=max_cfg, guidance=guidance, sampler=sampler,
+                 seed=seed, width=width, height=height, fit=fit, decode_chunk_size=decode_chunk_size,
+                 interpolate=interpolate, watermark=watermark, loop=loop or "none", extend=extend or 0),
+            sigmas,
+        )  # fmt: skip
+        rife = self.interpolator() if p.interpolate > 1 else None  # a missing download fails before any step
         started = time.perf_counter()
         timings: dict[str, float] = {}
         mark = _phase_clock(self.device if self.device.type == "cuda" else None, timings)
@@ -208,56 +216,150 @@ class Pipeline:
         # Refuse now what the free memory cannot hold, or choose the lower-memory path that it can.
         fit = memory.check(self, W, H, {**p.as_dict(), "decode_chunk_size": decode_chunk_size})
         memory.use_chunked_attention(self.vae, fit.chunked_attention)
-        T, dev = p.num_frames, self.device
-        lat_shape = (
-            T,
-            self.config.vae.latent_channels,
-            H // self.config.vae.downscale,
-            W // self.config.vae.downscale,
-        )
+        seeds = segment_seeds(p.seed, p.extend)
+        steps = p.num_steps if sigmas is None else len(sigmas) - 1
+        report = Reporter(callback, len(seeds) * steps)
+        report.phase("loading")
+        given = (noise, cond_noise)
+        frames, decoded, chunk = self._segments(pil, p, seeds, given, sigmas, fit.decode_chunk, report, mark)
+        if rife is not None:
+            report.phase("interpolating")
+            frames = interpolation.interleave(
+                frames, to_uint8(interpolation.in_between(rife, decoded, p.interpolate))
+            )
+            mark("interpolating")
+        if p.watermark:  # after interpolating: every frame carries it
+            frames = embed_watermark(frames)
+            mark("watermark")
+        if p.loop == "pingpong":
+            frames = pingpong(frames)
+        params = self._record(p, W, H, chunk, decode_chunk_size, fit)
+        params.update(segment_seeds=seeds, total_frames=len(frames))
+        params.update(seconds=round(time.perf_counter() - started, 3), timings=timings)
+        return Video(frames=frames, fps=params["fps"], params=params)
 
-        g = torch.Generator(dev).manual_seed(p.seed)
+    def _params(self, given: dict, sigmas: torch.Tensor | None) -> GenerateParams:
+        """`given` with the variant's defaults for what is None, validated (ParameterError names the field)."""
+        d = self.config.defaults
+        if given["num_steps"] is None:
+            given["num_steps"] = d.num_steps if sigmas is None else len(sigmas) - 1
+        for name in ("num_frames", "min_cfg", "max_cfg"):
+            if given[name] is None:
+                given[name] = getattr(d, name)
+        if given["seed"] is None:
+            given["seed"] = random.randrange(2**32)
+        if given["decode_chunk_size"] is None:
+            given["decode_chunk_size"] = self.default_decode_chunk()
+        return GenerateParams(**given).validate()
+
+    def _segments(
+        self, pil, p: GenerateParams, seeds: list[int], given: tuple, sigmas, chunk: int, report, mark
+    ):
+        """Every segment, joined: (uint8 frames, the decoded frames (T, 3, H, W) in [0, 1] when interpolation
+        needs them (else None), the decode chunk last used). Segment i > 0 starts from the last frame so far and
+        drops its own first frame, which re-renders it; after an out-of-memory retry, later segments keep the
+        smaller chunk. `given`: the explicit (noise, cond_noise) of the first segment."""
+        W, H = pil.size
+        steps = report.total // len(seeds)
+        parts: list[np.ndarray] = []
+        kept: list[torch.Tensor] = []
+        for i, seed in enumerate(seeds):
+            if i:  # the next segment starts from the last frame so far, at the video's size
+                pil = prepare_image(parts[-1][-1], W, H, "crop")
+            noise, cond_noise = given if i == 0 else (None, None)
+            decoded, frames, chunk = self._segment(
+                pil, p, seed, noise, cond_noise, sigmas, chunk, report, mark, i * steps
+            )
+            parts.append(frames if i == 0 else frames[1:])
+            if p.interpolate > 1:  # several segments wait on the CPU, not in the device's memory
+                kept.append(decoded if len(seeds) == 1 else decoded[1 if i else 0 :].cpu())
+        frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        decoded = (kept[0] if len(kept) == 1 else torch.cat(kept)) if kept else None
+        return frames, decoded, chunk
+
+    def _segment(
+        self,
+        pil,
+        p: GenerateParams,
+        seed: int,
+        noise,
+        cond_noise,
+        sigmas,
+        chunk: int,
+        report,
+        mark,
+        offset: int,
+    ):
+        """One video of p.num_frames frames from the fitted image `pil` and `seed`: (decoded frames, uint8 frames,
+        decode chunk used). Its steps are reported after the `offset` steps of the segments before it."""
+        W, H = pil.size
+        noise, cond_noise = self._noise(p, seed, W, H, noise, cond_noise)
+        img = to_tensor(pil).to(self.device)[None]  # (1, 3, H, W) in [-1, 1]
+        mark("prepare")
+        report.phase("conditioning")
+        cond = self.condition(img, cond_noise[None], p)
+        mark("conditioning")
+        latents = self._sample(cond, noise, sigmas, p, report, mark, offset)
+        report.phase("decoding")
+        decoded, used = self.decode(latents, chunk)
+        frames = to_uint8(decoded)
+        mark("decoding")
+        return decoded, frames, used
+
+    def _noise(
+        self, p: GenerateParams, seed: int, W: int, H: int, noise, cond_noise
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent noise (T, 4, h, w) and conditioning noise (3, H, W): the draws of `seed` in the reference's
+        order (conditioning noise, then latent noise), or the given ones."""
+        dev, down = self.device, self.config.vae.downscale
+        lat_shape = (p.num_frames, self.config.vae.latent_channels, H // down, W // down)
+        g = torch.Generator(dev).manual_seed(seed)
         drawn_cond = torch.randn((1, 3, H, W), generator=g, device=dev)
         drawn_noise = torch.randn(lat_shape, generator=g, device=dev)
         cond_noise = _given(cond_noise, (3, H, W), "cond_noise", dev, drawn_cond[0])
-        noise = _given(noise, lat_shape, "noise", dev, drawn_noise)
+        return _given(noise, lat_shape, "noise", dev, drawn_noise), cond_noise
 
-        img = to_tensor(pil).to(dev)[None]  # (1, 3, H, W) in [-1, 1]
-        mark("prepare")
-        cond = self.condition(img, cond_noise[None], p)
-        mark("conditioning")
+    def _sample(
+        self, cond: dict, noise: torch.Tensor, sigmas, p: GenerateParams, report, mark, offset: int = 0
+    ) -> torch.Tensor:
+        """The denoising loop: latents (T, 4, h, w), reporting each step after `offset` steps before it."""
         if sigmas is None:
             sigmas = sampling.edm_sigmas(p.num_steps)
-        sigmas = sigmas.to(dev, torch.float32)
-        scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, T).to(dev)
-        denoise = self.denoiser(cond, scales, T)
+        sigmas = sigmas.to(self.device, torch.float32)
+        scales = sampling.guidance_scales(p.guidance, p.min_cfg, p.max_cfg, p.num_frames).to(self.device)
+        denoise = self.denoiser(cond, scales, p.num_frames)
 
-        def on_step(step: int, total: int, x: torch.Tensor) -> None:
-            if step == 1:
+        def on_step(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            if step == 1 and "first_step" not in mark.seen:
                 mark("first_step")
-            if callback is not None and callback(step, total, x) is False:
-                raise Cancelled(f"stopped by the callback after step {step} of {total}")
+            report.on_step(offset + step, report.total, x, denoised)
 
+        report.phase("sampling")
         x = sampling.initial_latents(noise, sigmas)
         latents = sampling.SAMPLERS[p.sampler](denoise, x, sigmas, on_step)
         mark("sampling")
-        frames, chunk = self.decode(latents, fit.decode_chunk)
-        frames = to_uint8(frames)
-        mark("decoding")
+        return latents
+
+    def _record(self, p: GenerateParams, W: int, H: int, chunk: int, asked_chunk, fit) -> dict:
+        """The video's metadata: every value used, and notes on what made it differ from the reference."""
+        d = self.config.defaults
         params = {
             "model": self.name,
             **p.as_dict(),
             "width": W,
             "height": H,
             "decode_chunk_size": chunk,
-            "fps": p.fps_id + 1,
+            "fps": (p.fps_id + 1) * p.interpolate,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "device": dev.type,
-            "seconds": round(time.perf_counter() - started, 3),
-            "timings": timings,
+            "device": self.device.type,
             "img2vid": _version,
         }
-        if chunk != d.decode_chunk_size and decode_chunk_size is None and chunk == p.decode_chunk_size:
+        if p.interpolate > 1:
+            params["frames_generated"] = p.num_frames + p.extend * (p.num_frames - 1)
+            params["interpolation"] = (
+                f"RIFE v4.13 flownet ({interpolation.weights_source(self.interpolation_weights)})"
+            )
+        if chunk != d.decode_chunk_size and asked_chunk is None and chunk == p.decode_chunk_size:
             params["note"] = (
                 f"decoded {chunk} frames at a time (low-memory mode) instead of the reference's "
                 f"{d.decode_chunk_size}: the temporal decoder mixes the frames of a chunk, so the video differs "
@@ -269,7 +371,15 @@ class Pipeline:
             )
         if fit.note():
             params["memory"] = fit.note()
-        return Video(frames=frames, fps=p.fps_id + 1, params=params)
+        return params
+
+    def interpolator(self):
+        """The RIFE network for `interpolate`, loaded on first use from `self.interpolation_weights`."""
+        source = interpolation.weights_source(self.interpolation_weights)
+        if self._rife is None or self._rife[0] != source:
+            dtype = self.dtype if self.device.type == "cuda" else torch.float32
+            self._rife = (source, interpolation.load_interpolator(source, self.device, dtype))
+        return self._rife[1]
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,10 +498,22 @@ def _phase_clock(cuda: torch.device | None, timings: dict[str, float]) -> Callab
         if cuda is not None:
             torch.cuda.synchronize(cuda)
         now = time.perf_counter()
-        timings[name] = round(now - last[0], 3)
+        timings[name] = round(timings.get(name, 0.0) + now - last[0], 3)  # summed over segments
+        mark.seen.add(name)
         last[0] = now
 
+    mark.seen = set()
     return mark
+
+
+def segment_seeds(seed: int, extend: int) -> list[int]:
+    """The seed of each segment: seed, seed + 1, ..., kept within the seed range (below 2**63)."""
+    return [(seed + i) % 2**63 for i in range(extend + 1)]
+
+
+def pingpong(frames: np.ndarray) -> np.ndarray:
+    """Forward then backward, the end frames not doubled: f0..fT-1, fT-2..f1 (2T - 2 frames; T when T <= 2)."""
+    return np.concatenate([frames, frames[-2:0:-1]])
 
 
 def to_uint8(frames: torch.Tensor):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int, torch.Tensor], None]
+# callback(step, total, x, denoised): x after the step, denoised the estimate of the clean latents it used
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def edm_sigmas(
@@ -55,9 +56,11 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor) -
     return uncond + scale.view(-1, *([1] * (cond.ndim - 1))).to(cond) * (cond - uncond)
 
 
-def _report(callback: StepCallback | None, i: int, total: int, x: torch.Tensor) -> None:
+def _report(
+    callback: StepCallback | None, i: int, total: int, x: torch.Tensor, denoised: torch.Tensor
+) -> None:
     if callback is not None:
-        callback(i + 1, total, x)
+        callback(i + 1, total, x, denoised)
 
 
 @torch.no_grad()
@@ -70,7 +73,7 @@ def sample_euler(
         denoised = denoise(x, sigmas[i])
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-        _report(callback, i, n, x)
+        _report(callback, i, n, x, denoised)
     return x
 
 
@@ -81,7 +84,8 @@ def sample_heun(
     """Heun's 2nd-order method (EDM Alg. 1, no churn): two network calls per step but the last."""
     n = len(sigmas) - 1
     for i in range(n):
-        d = (x - denoise(x, sigmas[i])) / sigmas[i]
+        denoised = denoise(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
@@ -89,7 +93,7 @@ def sample_heun(
             x2 = x + d * dt
             d2 = (x2 - denoise(x2, sigmas[i + 1])) / sigmas[i + 1]
             x = x + (d + d2) / 2 * dt
-        _report(callback, i, n, x)
+        _report(callback, i, n, x, denoised)
     return x
 
 
@@ -113,7 +117,7 @@ def sample_dpmpp_2m(
                 estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
             x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * estimate
         old = denoised
-        _report(callback, i, n, x)
+        _report(callback, i, n, x, denoised)
     return x
 
 

@@ -21,9 +21,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, features
+from PIL import Image, PngImagePlugin, features
 
+from . import provenance
 from .errors import Img2VidError
+from .version import __version__
 
 FORMATS = (".mp4", ".webm", ".gif", ".webp")
 SUPPORTED = ".mp4, .webm, .gif, .webp, or a folder (a path without suffix) of PNG frames"
@@ -63,14 +65,17 @@ class Video:
     def width(self) -> int:
         return self.frames.shape[2]
 
-    def save(self, path, *, overwrite: bool = False, fps: float | None = None) -> Path:
-        """Write the video (see `write_video`) with its generation parameters as metadata."""
+    def save(self, path, *, overwrite: bool = False, fps: float | None = None, sign=None) -> Path:
+        """Write the video (see `write_video`) with its generation parameters as metadata; `sign`:
+        (certificate chain, private key), PEM paths or bytes, adds a signed C2PA manifest."""
         return write_video(
-            path, self.frames, self.fps if fps is None else fps, self.params, overwrite=overwrite
+            path, self.frames, self.fps if fps is None else fps, self.params, overwrite=overwrite, sign=sign
         )
 
 
-def write_video(path, frames, fps: float, metadata: dict | None = None, *, overwrite: bool = False) -> Path:
+def write_video(
+    path, frames, fps: float, metadata: dict | None = None, *, overwrite: bool = False, sign=None
+) -> Path:
     """Write uint8 (T, H, W, 3) RGB `frames` played at `fps` to `path`; the format follows its suffix.
 
     - .mp4: H.264 (libx264, yuv420p, BT.709, crf 17). .webm: VP9 (libvpx-vp9, yuv420p). Both play at exactly
@@ -86,6 +91,11 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
     `metadata` (JSON-serialisable; anything else is stored as its str()) goes into the file: the container's
     "comment" tag for mp4/webm, a comment extension for gif, EXIF ImageDescription for webp, params.json for
     a folder. `read_metadata` reads it back. An existing output is replaced only with overwrite=True.
+
+    Every format also carries an XMP packet saying the video is AI-generated (IPTC digital source type
+    trainedAlgorithmicMedia), with the model (metadata["model"]) and img2vid's version: see
+    img2vid.provenance, whose `read_provenance` reads it back. `sign` = (certificate chain, private key),
+    PEM paths or bytes, adds a C2PA manifest signed with them (needs the `c2pa` extra; not for .webm).
     """
     kind = _kind(path)
     path = Path(path)
@@ -94,6 +104,9 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
     # A fraction, so that 7 stays exactly 7 (and 29.97 becomes 2997/100) in the file's time base.
     rate = Fraction(fps if isinstance(fps, Fraction) else float(fps)).limit_denominator(1001)
     text = json.dumps(metadata or {}, default=str)  # ASCII-only (ensure_ascii), so it fits EXIF too
+    model = str((metadata or {}).get("model", "unknown"))
+    xmp = provenance.xmp_packet(model, __version__)
+    pems = provenance.check_signing(kind, *sign) if sign is not None else None
     if kind:
         _encoder(kind)  # fail before any work if this PyAV build lacks the codec
     _check_target(path, kind, overwrite)
@@ -101,11 +114,13 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, *, overw
     tmp = _sibling(path, ".tmp")
     try:
         if kind == "":
-            _write_folder(tmp, frames, text)
+            _write_folder(tmp, frames, text, xmp)
         elif kind == ".webp":
-            _write_webp(tmp, frames, rate, text)
+            _write_webp(tmp, frames, rate, text, xmp)
         else:
-            _write_av(tmp, kind, frames, rate, text)
+            _write_av(tmp, kind, frames, rate, text, xmp)
+        if pems is not None:
+            _sign(tmp, kind, pems, model)
         _check_target(path, kind, overwrite)  # again: something may have appeared there meanwhile
         _move_into_place(tmp, path)
     except BaseException:
@@ -290,14 +305,27 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _write_folder(tmp: Path, frames: np.ndarray, text: str) -> None:
+def _sign(tmp: Path, kind: str, pems: tuple[bytes, bytes], model: str) -> None:
+    """Replace the written temporary (or each frame of a folder) by its C2PA-signed copy."""
+    for f in sorted(tmp.glob("frame_*.png")) if tmp.is_dir() else [tmp]:
+        signed = f.with_name(f.name + ".signed")
+        try:
+            provenance.sign(f, signed, kind, *pems, model, __version__)
+            os.replace(signed, f)
+        finally:
+            signed.unlink(missing_ok=True)
+
+
+def _write_folder(tmp: Path, frames: np.ndarray, text: str, xmp: str) -> None:
     tmp.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(provenance.PNG_XMP_KEY, xmp)
     for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(tmp / _FRAME_NAME.format(i), compress_level=6)
+        Image.fromarray(frame).save(tmp / _FRAME_NAME.format(i), compress_level=6, pnginfo=info)
     (tmp / _PARAMS_NAME).write_text(text + "\n", encoding="utf-8")
 
 
-def _write_av(tmp: Path, kind: str, frames: np.ndarray, rate: Fraction, text: str) -> None:
+def _write_av(tmp: Path, kind: str, frames: np.ndarray, rate: Fraction, text: str, xmp: str) -> None:
     import av
 
     height, width = frames.shape[1:3]
@@ -305,6 +333,8 @@ def _write_av(tmp: Path, kind: str, frames: np.ndarray, rate: Fraction, text: st
     options = {"movflags": "+faststart"} if kind == ".mp4" else {}
     with av.open(str(tmp), "w", format=kind[1:], container_options=options) as container:
         container.metadata["comment"] = text  # the gif muxer ignores this: see _insert_gif_comment
+        if kind == ".webm":
+            container.metadata["XMP"] = xmp  # Matroska has no XMP element: a tag is the nearest thing
         stream = container.add_stream(_ENCODERS[kind], rate=rate)
         stream.width, stream.height = width, height
         stream.time_base = 1 / rate  # one tick per frame, so the stored average rate is exactly `rate`
@@ -337,7 +367,10 @@ def _write_av(tmp: Path, kind: str, frames: np.ndarray, rate: Fraction, text: st
             container.mux(stream.encode(vf))
         container.mux(stream.encode())
     if kind == ".gif":
-        _insert_gif_comment(tmp, text)
+        _insert_gif_comment(tmp, text, xmp)
+    elif kind == ".mp4":
+        with open(tmp, "ab") as f:
+            f.write(provenance.mp4_xmp_box(xmp))
 
 
 def _gif_palette(frames: np.ndarray) -> Image.Image:
@@ -347,8 +380,9 @@ def _gif_palette(frames: np.ndarray) -> Image.Image:
     return Image.fromarray(np.concatenate(list(sample), axis=0)).quantize(256, Image.Quantize.MEDIANCUT)
 
 
-def _insert_gif_comment(path: Path, text: str) -> None:
-    """Add a GIF comment extension after the header, where FFmpeg and Pillow both read it as "comment".
+def _insert_gif_comment(path: Path, text: str, xmp: str) -> None:
+    """Add a GIF comment extension after the header, where FFmpeg and Pillow both read it as "comment", and
+    the XMP application extension.
 
     (Pillow could write the comment itself, but its GIF writer merges identical consecutive frames.)
     """
@@ -357,10 +391,11 @@ def _insert_gif_comment(path: Path, text: str) -> None:
     start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # header, screen descriptor, global palette
     raw = text.encode()
     blocks = b"".join(bytes([len(raw[i : i + 255])]) + raw[i : i + 255] for i in range(0, len(raw), 255))
-    path.write_bytes(data[:start] + b"\x21\xfe" + blocks + b"\x00" + data[start:])
+    comment = b"\x21\xfe" + blocks + b"\x00"
+    path.write_bytes(data[:start] + comment + provenance.gif_xmp_extension(xmp) + data[start:])
 
 
-def _write_webp(tmp: Path, frames: np.ndarray, rate: Fraction, text: str) -> None:
+def _write_webp(tmp: Path, frames: np.ndarray, rate: Fraction, text: str, xmp: str) -> None:
     """Assemble an animated WebP from frames encoded one by one by Pillow.
 
     Pillow's (and FFmpeg's) animated WebP writers use libwebp's WebPAnimEncoder, which merges a frame that
@@ -370,8 +405,8 @@ def _write_webp(tmp: Path, frames: np.ndarray, rate: Fraction, text: str) -> Non
     height, width = frames.shape[1:3]
     ms = [round(i * 1000 / rate) for i in range(len(frames) + 1)]  # timestamps, so durations sum exactly
     body = _chunk(
-        b"VP8X", struct.pack("<B3x", 0x02 | 0x08) + _u24(width - 1) + _u24(height - 1)
-    )  # anim, exif
+        b"VP8X", struct.pack("<B3x", 0x02 | 0x04 | 0x08) + _u24(width - 1) + _u24(height - 1)
+    )  # anim, xmp, exif
     body += _chunk(b"ANIM", struct.pack("<4BH", 0, 0, 0, 255, 0))  # black background, loop forever
     for i, frame in enumerate(frames):
         still = io.BytesIO()
@@ -384,6 +419,7 @@ def _write_webp(tmp: Path, frames: np.ndarray, rate: Fraction, text: str) -> Non
     exif = Image.Exif()
     exif[_EXIF_IMAGE_DESCRIPTION] = text
     body += _chunk(b"EXIF", exif.tobytes()[6:])  # without the "Exif\0\0" prefix, as the WebP spec says
+    body += _chunk(b"XMP ", xmp.encode())
     tmp.write_bytes(b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body)
 
 

@@ -18,9 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from .context import Context, error
 from .dispatcher import Dispatcher
 from .guard import LOOPBACK_NAMES, Guard
-from .routes import health, jobs, model, web
+from .routes import health, jobs, model, queue, web
 from .routes.jobs import job_json
 from .routes.model import parameter_spec
+from .services import Services
 from .store import JobStore, StoreError, store_error
 from .worker import LocalWorker, Worker
 
@@ -45,6 +46,8 @@ def _worker_list(workers, pipeline) -> list[Worker]:
 async def _lifespan(app: FastAPI):
     ctx: Context = app.state.ctx
     store = JobStore(ctx.data_dir, max_attempts=ctx.max_attempts)
+    services = Services(ctx, store)  # before recover(): a job it fails is told to its webhook too
+    services.start()
     for job_id, status in store.recover():
         log.warning("job %s was running when the server stopped: now %s", job_id, status)
     ctx.store = store
@@ -55,6 +58,7 @@ async def _lifespan(app: FastAPI):
         yield
     finally:
         await run_in_threadpool(ctx.dispatcher.stop, ctx.stop_timeout)
+        await run_in_threadpool(services.stop)
         ctx.store = None
         store.close()
 
@@ -73,6 +77,10 @@ def create_app(
     max_attempts: int = 2,
     poll_s: float = 1.0,
     stop_timeout: float = 30.0,
+    webhook_secret: str | None = None,
+    webhook_backoff_s: float = 2.0,
+    retain_days: float | None = None,
+    retain_gb: float | None = None,
 ) -> FastAPI:
     """The app over the job store in `data_dir`.
 
@@ -81,6 +89,8 @@ def create_app(
     but /healthz and the static page need `Authorization: Bearer <token>` (or `?token=`). allowed_hosts
     limits the Host header (serve() sets the loopback names when bound to loopback without a token).
     With less than `min_free_mb` free in `data_dir`, new jobs are refused (507) and /readyz says why.
+    webhook_secret signs the POST sent to a job's `webhook` URL when it ends (no secret: no webhooks);
+    retain_days / retain_gb delete finished jobs' files, oldest first (see retention.py).
     """
     workers = _worker_list(workers, pipeline)
     if require_token is None:
@@ -96,7 +106,17 @@ def create_app(
         max_attempts=max_attempts,
         poll_s=poll_s,
         stop_timeout=stop_timeout,
+        webhook_secret=webhook_secret,
+        webhook_backoff_s=webhook_backoff_s,
+        retain_days=retain_days,
+        retain_bytes=int(retain_gb * 2**30) if retain_gb is not None else None,
     )
+    hosts = frozenset(allowed_hosts) if allowed_hosts is not None else None
+    return _build(ctx, token if require_token else None, hosts)
+
+
+def _build(ctx: Context, token: str | None, allowed_hosts: frozenset[str] | None) -> FastAPI:
+    """The app over `ctx`, behind the Guard middleware."""
     app = FastAPI(
         title="img2vid",
         summary="Stable Video Diffusion image-to-video: a job queue",
@@ -106,9 +126,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.ctx = ctx
-    hosts = frozenset(allowed_hosts) if allowed_hosts is not None else None
-    app.add_middleware(Guard, token=token if require_token else None, allowed_hosts=hosts)
-    for area in (web, health, model, jobs):
+    app.add_middleware(Guard, token=token, allowed_hosts=allowed_hosts)
+    for area in (web, health, model, jobs, queue):
         app.include_router(area.router)
     app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(OSError, _storage_error)

@@ -24,6 +24,11 @@ class Context:
         self.max_attempts: int = settings["max_attempts"]
         self.poll_s: float = settings["poll_s"]
         self.stop_timeout: float = settings["stop_timeout"]
+        self.webhook_secret: str | None = settings.get("webhook_secret")
+        self.webhook_backoff_s: float = settings.get("webhook_backoff_s", 2.0)
+        self.retain_days: float | None = settings.get("retain_days")
+        self.retain_bytes: int | None = settings.get("retain_bytes")
+        self.retention_interval_s: float = settings.get("retention_interval_s", 300.0)
         self.store: JobStore | None = None
         self.dispatcher: Dispatcher | None = None
         self.decode_slots = None  # an anyio.Semaphore, made in the app's event loop at start-up

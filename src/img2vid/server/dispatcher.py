@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import Cancelled, Img2VidError
+from .live import LiveJobs
 from .store import Job, JobStore, describe_os_error
 from .worker import Worker, WorkerLost
 
@@ -26,8 +27,10 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
         self._active: set[str] = set()  # the jobs a slot is running now
+        self._held: dict[int, str] = {}  # id(worker) -> the job it runs now, for GET /v1/queue
         self._cancel_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.live = LiveJobs()  # phase, ETA and preview of the running jobs
 
     def start(self) -> None:
         for i, worker in enumerate(self.workers):
@@ -58,6 +61,10 @@ class Dispatcher:
                 return False
             self._cancel.add(job_id)
             return True
+
+    def running_job(self, worker: Worker) -> str | None:
+        """The id of the job `worker` is running now, else None."""
+        return self._held.get(id(worker))
 
     def _canceled(self, job_id: str) -> bool:
         with self._cancel_lock:
@@ -94,9 +101,11 @@ class Dispatcher:
             if job is None:
                 self._wait(self.poll_s)
                 continue
+            self._held[id(worker)] = job.id
             try:
                 self._run(worker, job)
             finally:
+                self._held.pop(id(worker), None)
                 with self._cancel_lock:
                     self._cancel.discard(job.id)
                     self._active.discard(job.id)
@@ -122,8 +131,10 @@ class Dispatcher:
         ("failed", message); raises what the worker raised for a job that failed."""
         job_id = job.id
         reported = []
+        self.live.start(job_id)
 
-        def on_progress(step: int, total: int) -> bool:
+        def on_progress(step: int, total: int, info: dict | None = None) -> bool:
+            self.live.update(job_id, info)
             try:
                 self.store.set_progress(job_id, step, total)
             except Exception as e:

@@ -13,6 +13,7 @@ from ..errors import Img2VidError
 from ..params import DTYPES, MEMORY_MODES
 from .process import ProcessWorker
 from .store import JobStore, StoreLocked
+from .webhooks import SECRET_ENV
 
 TOKEN_ENV = "IMG2VID_TOKEN"
 
@@ -39,13 +40,18 @@ def _accel_choice(args):
     return without_compiled(args.accel)
 
 
+def _loader(model: str, device: str, dtype=None, memory: str = "auto", accel=None):
+    """The picklable call that loads the model on `device` (in a child process or a Ray actor)."""
+    import img2vid
+
+    return functools.partial(img2vid.load, model, device=device, dtype=dtype, memory=memory, accel=accel)
+
+
 def make_workers(
     model: str, device=None, dtype=None, memory: str = "auto", accel=None, log_level: str = "warning"
 ) -> list[ProcessWorker]:
     """One worker per GPU when no device is named, else one on `device`. Each loads its model in a process
     of its own, in the background: a generation that dies there fails only its job."""
-    import img2vid
-
     if device is None:
         import torch
 
@@ -54,13 +60,33 @@ def make_workers(
     else:
         devices = [device]
     return [
-        ProcessWorker(
-            functools.partial(img2vid.load, model, device=d, dtype=dtype, memory=memory, accel=accel),
-            name=model,
-            log_level=log_level.upper(),
-        )
+        ProcessWorker(_loader(model, d, dtype, memory, accel), name=model, log_level=log_level.upper())
         for d in devices
     ]
+
+
+def make_ray_workers(model: str, ray: str, ray_workers: int | None, dtype, memory, accel, log_level: str):
+    """Ray actors at the cluster `ray` ("" = RAY_ADDRESS or a new local one): one per GPU, or
+    `ray_workers` CPU actors."""
+    try:
+        from . import ray_worker
+    except ImportError as e:
+        raise Img2VidError(f"img2vid serve --ray needs {e.name}: pip install 'img2vid[ray]'") from None
+    ray_worker.connect(ray or None)
+
+    def load_on(device: str):
+        return _loader(model, device, dtype, memory, accel)
+
+    return ray_worker.make_ray_workers(load_on, ray_workers, name=model, log_level=log_level.upper())
+
+
+def _close(workers, ray: str | None) -> None:
+    for w in workers:
+        w.close()
+    if ray is not None:
+        from .ray_worker import disconnect
+
+        disconnect()
 
 
 def serve(
@@ -77,8 +103,14 @@ def serve(
     max_upload_mb: float = 20,
     min_free_mb: float = 100,
     log_level: str = "info",
+    ray: str | None = None,
+    ray_workers: int | None = None,
+    webhook_secret: str | None = None,
+    retain_days: float | None = None,
+    retain_gb: float | None = None,
 ) -> None:
-    """Serve the job API and the web page until interrupted. Raises Img2VidError when it cannot start."""
+    """Serve the job API and the web page until interrupted. Raises Img2VidError when it cannot start.
+    ray: None runs the workers here; "" or an address runs them as Ray actors (see docs/ray.md)."""
     try:
         import uvicorn
 
@@ -86,22 +118,17 @@ def serve(
     except ImportError as e:
         raise Img2VidError(f"img2vid serve needs {e.name}: pip install 'img2vid[serve]'") from None
 
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if not is_loopback(host) and not token:
-        raise Img2VidError(
-            f"binding {host} opens the server to the network: give a token with --token or {TOKEN_ENV}"
-        )
+    token = _check_token(host, token or os.environ.get(TOKEN_ENV) or None)
     from ..params import check_device
 
     check_device(device)  # a worker on a device that does not exist would only fail to load, in the log
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    try:
-        JobStore(data_dir).close()  # fail here, with a message, rather than inside uvicorn's start-up
-    except StoreLocked as e:
-        raise Img2VidError(str(e)) from None
-    except OSError as e:
-        raise Img2VidError(f"cannot use data directory {data_dir}: {e}") from None
-    workers = make_workers(model, device, dtype, memory, accel, log_level)
+    _check_ray_options(ray, ray_workers, device)
+    webhook_secret = webhook_secret or os.environ.get(SECRET_ENV) or None
+    data_dir = _check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
+    if ray is None:
+        workers = make_workers(model, device, dtype, memory, accel, log_level)
+    else:
+        workers = make_ray_workers(model, ray, ray_workers, dtype, memory, accel, log_level)
     app = create_app(
         data_dir,
         workers,
@@ -110,19 +137,55 @@ def serve(
         max_upload_mb=max_upload_mb,
         min_free_mb=min_free_mb,
         allowed_hosts=LOOPBACK_NAMES | {host} if is_loopback(host) and not token else None,
+        webhook_secret=webhook_secret,
+        retain_days=retain_days,
+        retain_gb=retain_gb,
     )
-    logging.getLogger("img2vid.server").setLevel(log_level.upper())
-    if not logging.getLogger("img2vid").handlers:  # the CLI already installed one: don't print twice
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"img2vid: serving {model} from {data_dir} on http://{shown}:{port}/  (API docs: /docs)", flush=True
-    )
+    _announce(log_level, f"serving {model} from {data_dir} on {_url(host, port)}  (API docs: /docs)")
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
-        for w in workers:
-            w.close()
+        _close(workers, ray)
+
+
+def _check_token(host: str, token: str | None) -> str | None:
+    if not is_loopback(host) and not token:
+        raise Img2VidError(
+            f"binding {host} opens the server to the network: give a token with --token or {TOKEN_ENV}"
+        )
+    return token
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _announce(log_level: str, what: str) -> None:
+    logging.getLogger("img2vid.server").setLevel(log_level.upper())
+    if not logging.getLogger("img2vid").handlers:  # the CLI already installed one: don't print twice
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"img2vid: {what}", flush=True)
+
+
+def _check_data_dir(data_dir: Path) -> Path:
+    try:
+        JobStore(data_dir).close()  # fail here, with a message, rather than inside uvicorn's start-up
+    except StoreLocked as e:
+        raise Img2VidError(str(e)) from None
+    except OSError as e:
+        raise Img2VidError(f"cannot use data directory {data_dir}: {e}") from None
+    return data_dir
+
+
+def _check_ray_options(ray: str | None, ray_workers: int | None, device) -> None:
+    if ray is None and ray_workers is not None:
+        raise Img2VidError("--ray-workers needs --ray")
+    if ray is not None and device is not None:
+        raise Img2VidError(
+            "--device does not apply with --ray: actors get one GPU each, or --ray-workers CPUs"
+        )
+    if ray_workers is not None and ray_workers < 1:
+        raise Img2VidError("--ray-workers: give at least 1")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -165,6 +228,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="free disk space the data directory needs for new jobs (below it POST answers 507)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return _add_scale_arguments(p)
+
+
+def _add_scale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Ray workers, webhooks and output retention."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the workers as Ray actors, one per GPU of the cluster at ADDRESS "
+        "(default: RAY_ADDRESS, else a new local Ray); needs img2vid[ray]",
+    )
+    p.add_argument(
+        "--ray-workers", type=int, metavar="N", help="with --ray: N CPU actors instead of GPU ones"
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default=None,
+        help=f"sign the webhooks jobs ask for with this HMAC-SHA256 key (or set {SECRET_ENV})",
+    )
+    p.add_argument("--retain-days", type=float, help="delete finished jobs' files after this many days")
+    p.add_argument(
+        "--retain-gb", type=float, help="delete finished jobs' files, oldest first, above this size"
+    )
     return p
 
 
@@ -183,6 +271,11 @@ def run_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         min_free_mb=args.min_free_mb,
         log_level=args.log_level,
+        ray=args.ray,
+        ray_workers=args.ray_workers,
+        webhook_secret=args.webhook_secret,
+        retain_days=args.retain_days,
+        retain_gb=args.retain_gb,
     )
     return 0
 

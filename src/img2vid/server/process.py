@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import Img2VidError
-from .worker import JobResult, LocalWorker, Progress, WorkerLost
+from .worker import JobResult, LocalWorker, Progress, WorkerLost, check_memory
 
 log = logging.getLogger("img2vid.server")
 
@@ -75,13 +77,7 @@ class ProcessWorker:
         return self._info or {"model": self._name, "device": None, "defaults": {}}
 
     def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        if self._profile is None or self._capacity is None:
-            return
-        from .. import memory
-        from ..image import target_size
-
-        width, height = target_size(image_size, params.get("width"), params.get("height"))
-        memory.check(self._profile, width, height, params, free=self._capacity)
+        check_memory(self._profile, self._capacity, params, image_size)
 
     def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
         with self._lock:
@@ -103,7 +99,7 @@ class ProcessWorker:
             message = self._conn.recv()
             if message[0] != "progress":
                 return message
-            self._conn.send(bool(on_progress(message[1], message[2])))
+            self._conn.send(bool(on_progress(*message[1:])))  # step, total and the info dict
 
     def _restart(self) -> str:
         """The child died under a job: say why for the job, and load the model again in a new child."""
@@ -143,6 +139,7 @@ class ProcessWorker:
 def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the server stops this child itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
     try:
         worker = LocalWorker(load())
@@ -161,8 +158,8 @@ def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
             return
         _, job_id, image, params = request
 
-        def on_progress(step: int, total: int) -> bool:
-            conn.send(("progress", step, total))
+        def on_progress(step: int, total: int, info: dict | None = None) -> bool:
+            conn.send(("progress", step, total, info or {}))
             return conn.recv()
 
         try:
@@ -171,6 +168,14 @@ def _child_main(conn, load: Callable[[], Any], log_level: str) -> None:
             outcome = ("raised", _portable(e))
         conn.send((*outcome, worker.capacity))
         worker.compile_missing()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A server killed by SIGKILL cannot stop its child; the restarted server re-queues the job, which must
+    # not run here at the same time.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _portable(e: Exception) -> Exception:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +27,13 @@ except (
 ):  # pragma: no cover - Windows: no cross-process lock, one server per data dir is on the user
     fcntl = None
 
+log = logging.getLogger("img2vid.server")
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED = ("succeeded", "failed", "canceled")
 VIDEO_NAME = "out.mp4"
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+IDEMPOTENCY_S = 24 * 3600  # how long an Idempotency-Key names its job
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,7 +56,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
+# Columns added after the first release: a data directory made by an older server gets them at start-up.
+_ADDED_COLUMNS = {
+    "priority": "INTEGER NOT NULL DEFAULT 1",
+    "webhook": "TEXT",
+    "files_deleted": "REAL",
+}
 
 
 class StoreLocked(RuntimeError):
@@ -64,6 +81,14 @@ class QueueFull(RuntimeError):
     def __init__(self, queued: int):
         super().__init__(f"the queue is full ({queued} jobs waiting)")
         self.queued = queued
+
+
+class KeyReused(RuntimeError):
+    """create() found its Idempotency-Key already used (within IDEMPOTENCY_S); `.same`: by the same request."""
+
+    def __init__(self, job_id: str, same: bool):
+        super().__init__(f"the Idempotency-Key was already used for job {job_id}")
+        self.job_id, self.same = job_id, same
 
 
 class StoreError(RuntimeError):
@@ -111,6 +136,9 @@ class Job:
     started: float | None
     progress_at: float | None
     finished: float | None
+    priority: int = PRIORITIES["normal"]
+    webhook: str | None = None  # the URL told when the job ends
+    files_deleted: float | None = None  # when retention deleted the job's files
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -148,6 +176,23 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
+        # Called with a job id each time a job reaches a terminal state (webhooks, retention).
+        self.listeners: list[Callable[[str], None]] = []
+
+    def _add_columns(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq)")
+
+    def _finished(self, job_id: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(job_id)
+            except Exception:  # a listener's trouble must never undo or block the job's own record
+                log.exception("job %s: a finish listener failed", job_id)
 
     def close(self) -> None:
         with self._lock:
@@ -175,17 +220,29 @@ class JobStore:
     # -- rows --------------------------------------------------------------------------------------------
 
     def create(
-        self, params: dict, image: bytes, image_ext: str, image_type: str, max_queue: int | None = None
+        self,
+        params: dict,
+        image: bytes,
+        image_ext: str,
+        image_type: str,
+        max_queue: int | None = None,
+        *,
+        priority: int = PRIORITIES["normal"],
+        webhook: str | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> Job:
         """A queued job holding `image`. With `max_queue`, raises QueueFull when that many already wait: the
-        count and the insert are one transaction, so concurrent uploads cannot overshoot the limit."""
+        count and the insert are one transaction, so concurrent uploads cannot overshoot the limit.
+        idempotency: (key, fingerprint of the request); raises KeyReused when the key names a job already."""
         job_id = uuid.uuid4().hex
         folder = self.job_dir(job_id)
         image_name = "input" + image_ext
+        row = {"id": job_id, "params": json.dumps(params), "image_name": image_name, "image_type": image_type}
+        row.update(priority=priority, webhook=webhook)
         try:
             folder.mkdir()
             (folder / image_name).write_bytes(image)
-            self._insert(job_id, params, image_name, image_type, max_queue)
+            self._insert(row, max_queue, idempotency)
         except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(e, OSError | sqlite3.Error):
@@ -193,25 +250,38 @@ class JobStore:
             raise
         return self.get(job_id)
 
-    def _insert(self, job_id: str, params: dict, image_name: str, image_type: str, max_queue: int | None):
+    def _insert(self, row: dict, max_queue: int | None, idempotency: tuple[str, str] | None):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if idempotency is not None:
+                    self._claim_key(*idempotency, row["id"])
                 if max_queue is not None:
                     queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[
                         0
                     ]
                     if queued >= max_queue:
                         raise QueueFull(queued)
-                self._db.execute(
-                    "INSERT INTO jobs (id, status, params, image_name, image_type, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, "queued", json.dumps(params), image_name, image_type, time.time()),
-                )
+                row.update(status="queued", created=time.time())
+                names = ", ".join(row)
+                marks = ", ".join("?" * len(row))
+                self._db.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(row.values()))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _claim_key(self, key: str, fingerprint: str, job_id: str) -> None:
+        """Inside _insert's transaction: the key now names `job_id`, or KeyReused names the job it had."""
+        now = time.time()
+        self._db.execute("DELETE FROM idempotency WHERE created < ?", (now - IDEMPOTENCY_S,))
+        old = self._db.execute("SELECT fingerprint, job_id FROM idempotency WHERE key = ?", (key,)).fetchone()
+        if old is not None:
+            raise KeyReused(old[1], old[0] == fingerprint)
+        self._db.execute(
+            "INSERT INTO idempotency (key, fingerprint, job_id, created) VALUES (?, ?, ?, ?)",
+            (key, fingerprint, job_id, now),
+        )
 
     def get(self, job_id: str) -> Job | None:
         if not valid_id(job_id):
@@ -233,13 +303,22 @@ class JobStore:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
 
     def queue_position(self, job: Job) -> int | None:
-        """0 means next in line."""
+        """0 means next in line: higher priority first, first come first served within one."""
         if job.status != "queued":
             return None
         with self._lock:
             return self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,)
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
+                (job.priority, job.priority, job.seq),
             ).fetchone()[0]
+
+    def queued(self, limit: int) -> list[Job]:
+        """The first `limit` queued jobs, in the order they will run."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
 
     def recent_durations(self, n: int = 10) -> list[float]:
         with self._lock:
@@ -272,12 +351,13 @@ class JobStore:
     # -- the job life cycle ------------------------------------------------------------------------------
 
     def claim_next(self) -> Job | None:
-        """Oldest queued job -> running, counting the attempt; None when the queue is empty."""
+        """The next queued job (highest priority, oldest within it) -> running, counting the attempt; None
+        when the queue is empty."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT 1"
                 ).fetchone()
                 if row is not None:
                     self._db.execute(
@@ -319,9 +399,11 @@ class JobStore:
         except sqlite3.Error as e:
             (folder / VIDEO_NAME).unlink(missing_ok=True)
             raise store_error(e, "recording the video") from e
+        self._finished(job_id)
 
     def fail(self, job_id: str, message: str) -> None:
-        self._update(job_id, "status = 'failed', error = ?, finished = ?", (message, time.time()))
+        if self._update(job_id, "status = 'failed', error = ?, finished = ?", (message, time.time())):
+            self._finished(job_id)
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is canceled at once; a running one is flagged for its next step."""
@@ -331,12 +413,16 @@ class JobStore:
                 return None
             if job.status == "queued":
                 self._update(job_id, "status = 'canceled', finished = ?", (time.time(),))
+                self._finished(job_id)
             elif job.status == "running":
                 self._update(job_id, "cancel_requested = 1")
             return self.get(job_id)
 
     def mark_canceled(self, job_id: str) -> None:
-        self._update(job_id, "status = 'canceled', finished = ?", (time.time(),), "AND status = 'running'")
+        if self._update(
+            job_id, "status = 'canceled', finished = ?", (time.time(),), "AND status = 'running'"
+        ):
+            self._finished(job_id)
 
     def requeue(self, job_id: str, count_attempt: bool = True) -> None:
         """Back to the queue; an attempt cut short by our own shutdown does not count against the job."""
@@ -373,3 +459,21 @@ class JobStore:
                     self.requeue(job_id, count_attempt=True)
                     changes.append((job_id, "queued"))
         return changes
+
+    # -- retention ---------------------------------------------------------------------------------------
+
+    def finished_with_files(self) -> list[Job]:
+        """Finished jobs whose files are still on disk, oldest finish first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
+                " AND files_deleted IS NULL ORDER BY finished, seq"
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def delete_files(self, job_id: str) -> None:
+        """Delete a finished job's folder; the row stays, saying when its files went."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        self._update(
+            job_id, "files_deleted = ?", (time.time(),), "AND status IN ('succeeded', 'failed', 'canceled')"
+        )

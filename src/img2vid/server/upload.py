@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from ..errors import ImageError, ParameterError
 from ..image import load_image
 from ..params import INTS, PARAM_NAMES, GenerateParams
+from . import options
 
 IMAGE_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 MULTIPART_SLACK = 64 * 1024  # room for the parameter fields and multipart framing around the image
@@ -45,14 +46,16 @@ async def read_form(request: Request, limit: int):
         return message
 
     limited = Request(request.scope, receive_limited)
-    return await limited.form(max_files=1, max_fields=len(PARAM_NAMES) + 1, max_part_size=4096)
+    return await limited.form(
+        max_files=1, max_fields=len(PARAM_NAMES) + len(options.FIELDS) + 1, max_part_size=4096
+    )
 
 
 def parse_params(form) -> dict:
     """The form's generate parameters, validated; raises ParameterError naming the field."""
     values = {}
     for key in form:
-        if key == "image":
+        if key == "image" or key in options.FIELDS:
             continue
         if key not in PARAM_NAMES:
             raise ParameterError(key, "unknown parameter")

@@ -18,8 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger("img2vid.server")
 
-# on_progress(step, total) -> keep going? False asks the worker to stop at once and raise errors.Cancelled.
-Progress = Callable[[int, int], bool]
+# on_progress(step, total, info) -> keep going? False asks the worker to stop at once and raise errors.Cancelled.
+# info, a plain dict (optional: older workers give only step and total): "phase" (img2vid.progress.PHASES),
+# "eta_s", and now and then "preview" (bytes of an animated image of every frame) with "preview_type".
+Progress = Callable[..., bool]
 
 
 @dataclass
@@ -77,6 +79,47 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def check_memory(model, capacity: int | None, params: dict, image_size: tuple[int, int]) -> None:
+    """Worker.check for a worker whose `model` (pipeline or memory.Profile) has `capacity` bytes free while
+    idle; nothing to check before the worker has measured them."""
+    if model is None or capacity is None:
+        return
+    from .. import memory
+    from ..image import target_size
+
+    width, height = target_size(image_size, params.get("width"), params.get("height"))
+    memory.check(model, width, height, params, free=capacity)
+
+
+class ProgressReports:
+    """generate's callback for a worker: each Progress as on_progress(step, total, info) with plain values, and a
+    preview encoded here (so that bytes cross the worker seam) only as often as ~1% of the time allows."""
+
+    def __init__(self, on_progress: Progress, params: dict):
+        from ..preview import Throttle, default_suffix
+
+        self.on_progress, self.throttle, self.suffix = on_progress, Throttle(), default_suffix()
+        fps_id = params.get("fps_id")
+        self.fps = (6 if fps_id is None else fps_id) + 1
+        self.step = self.total = 0
+
+    def __call__(self, p) -> bool:
+        from ..preview import FORMATS, encode
+
+        self.step, self.total = int(p.step), int(p.total)
+        info = {"phase": p.phase, "eta_s": p.eta_s}
+        # p.preview is None for the report that starts sampling, which has steps before it under extend.
+        if p.phase == "sampling" and p.step and p.preview is not None:
+            data = self.throttle.run(lambda: encode(p.preview, self.fps, self.suffix))
+            if data is not None:
+                info.update(preview=data, preview_type=FORMATS[self.suffix][1])
+        return bool(self.on_progress(self.step, self.total, info))
+
+    def phase(self, name: str) -> None:
+        """A phase after generate (writing): reported, but too late to stop at."""
+        self.on_progress(self.step, self.total, {"phase": name, "eta_s": None})
+
+
 class LocalWorker:
     """A pipeline in this process. Pass a loaded `pipeline`, or a `load` callable that is run on a thread
     by start() so the server answers (/healthz, /readyz = 503) while weights load."""
@@ -118,14 +161,8 @@ class LocalWorker:
         self._capacity = memory.free_bytes(self._pipe.device)
 
     def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        pipe = self._pipe
-        if pipe is None or self._capacity is None:
-            return  # not loaded yet: generate() checks against the memory free when the job runs
-        from .. import memory
-        from ..image import target_size
-
-        width, height = target_size(image_size, params.get("width"), params.get("height"))
-        memory.check(pipe, width, height, params, free=self._capacity)
+        # Not loaded yet: generate() checks against the memory free when the job runs.
+        check_memory(self._pipe, self._capacity, params, image_size)
 
     @property
     def pipeline(self):
@@ -157,14 +194,12 @@ class LocalWorker:
             raise WorkerLost("the worker has no model loaded")
         # None means "model default": leave those out so the pipeline's own defaults apply.
         kwargs = {k: v for k, v in params.items() if v is not None}
-
-        def callback(step, total, latents):
-            return bool(on_progress(int(step), int(total)))
-
+        callback = ProgressReports(on_progress, params)
         with self._busy:
             video = None
             try:
                 video = self._pipe.generate(image, callback=callback, **kwargs)
+                callback.phase("writing")
                 # A private temp file: the encoder wants a path, and the API's disk is not the worker's.
                 with tempfile.TemporaryDirectory(prefix="img2vid-") as tmp:
                     path = video.save(Path(tmp) / "out.mp4")

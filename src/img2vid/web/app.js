@@ -6,6 +6,9 @@ const TOKEN_KEY = "img2vid.token";
 // The fields shown up front; the rest live under "More settings".
 const MAIN_PARAMS = ["num_frames", "num_steps", "motion_bucket_id", "fps_id", "seed", "width", "height"];
 const LABELS = {
+  watermark: "Invisible watermark",
+  loop: "Loop",
+  extend: "Extend (segments)",
   num_frames: "Frames",
   num_steps: "Steps",
   fps_id: "Frame rate id",
@@ -20,8 +23,17 @@ const LABELS = {
   height: "Height",
   fit: "Fit",
   decode_chunk_size: "Decode chunk",
+  interpolate: "Frame interpolation",
 };
 const POLL_MS = 500;
+const EVENT_FAILURES = 3; // event streams that fail in a row before the page polls instead
+const PHASE_TEXT = {
+  loading: "Starting…",
+  conditioning: "Encoding the image…",
+  decoding: "Decoding…",
+  interpolating: "Interpolating…",
+  writing: "Writing…",
+};
 const HISTORY_PAGE = 12;
 
 const state = {
@@ -31,6 +43,9 @@ const state = {
   jobId: null,       // the job shown in the video panel
   job: null,
   pollTimer: null,
+  events: null,      // the EventSource following the shown job
+  eventFailures: 0,
+  livePreview: null, // the preview URL shown (a blob URL with a token)
   historyOffset: 0,
   blobUrls: new Map(), // media fetched with a token (video/img elements cannot send headers)
 };
@@ -148,6 +163,9 @@ function buildForm() {
     if (spec.type === "choice") {
       input = document.createElement("select");
       for (const c of spec.choices) input.append(new Option(c, c));
+    } else if (spec.type === "bool") {
+      input = document.createElement("input");
+      input.type = "checkbox";
     } else {
       input = document.createElement("input");
       input.type = "number";
@@ -179,7 +197,7 @@ function buildForm() {
 
     const help = document.createElement("small");
     help.className = "help";
-    const range = spec.type === "choice" ? "" : ` (${spec.min}–${fmtMax(spec.max)}${spec.multiple_of ? `, ×${spec.multiple_of}` : ""})`;
+    const range = spec.type === "choice" || spec.type === "bool" ? "" : ` (${spec.min}–${fmtMax(spec.max)}${spec.multiple_of ? `, ×${spec.multiple_of}` : ""})`;
     help.textContent = spec.help + range;
     field.append(help);
 
@@ -202,7 +220,8 @@ function fmtMax(max) {
 function fillForm(values) {
   for (const [name, value] of Object.entries(values)) {
     const input = document.getElementById("p-" + name);
-    if (input) input.value = value === null || value === undefined ? "" : String(value);
+    if (input && input.type === "checkbox") input.checked = value === true || value === "true";
+    else if (input) input.value = value === null || value === undefined ? "" : String(value);
   }
 }
 
@@ -247,7 +266,8 @@ async function generate() {
   const data = new FormData();
   data.append("image", state.file, state.file.name);
   for (const input of $("#params").querySelectorAll("input, select")) {
-    if (input.value !== "") data.append(input.name, input.value);
+    if (input.type === "checkbox") data.append(input.name, input.checked ? "true" : "false");
+    else if (input.value !== "") data.append(input.name, input.value);
   }
   const button = $("#generate");
   button.disabled = true;
@@ -273,6 +293,39 @@ async function generate() {
 function stopPolling() {
   clearTimeout(state.pollTimer);
   state.pollTimer = null;
+  if (state.events) state.events.close();
+  state.events = null;
+}
+
+// Keep an active job up to date: server-sent events, or polling where they fail.
+function follow(job) {
+  const active = job.status === "queued" || job.status === "running";
+  if (!active || job.id !== state.jobId) return stopPolling();
+  if (state.events || state.pollTimer) return;
+  if (window.EventSource && state.eventFailures < EVENT_FAILURES) openEvents(job.id);
+  else state.pollTimer = setTimeout(poll, POLL_MS);
+}
+
+function openEvents(id) {
+  // EventSource cannot send headers: the token goes in the query, as the API allows.
+  const query = token() ? "?token=" + encodeURIComponent(token()) : "";
+  const es = new EventSource(`/v1/jobs/${id}/events${query}`);
+  state.events = es;
+  const onJob = (e) => {
+    state.eventFailures = 0;
+    if (id === state.jobId) renderJob(JSON.parse(e.data));
+  };
+  es.addEventListener("progress", onJob);
+  es.addEventListener("end", (e) => { stopPolling(); onJob(e); });
+  es.onerror = () => {
+    if (state.events !== es) return;
+    // CONNECTING: the stream ended and the browser reconnects by itself; CLOSED: it gave up.
+    state.eventFailures += 1;
+    if (es.readyState === EventSource.CLOSED || state.eventFailures >= EVENT_FAILURES) {
+      stopPolling();
+      state.pollTimer = setTimeout(poll, POLL_MS);
+    }
+  };
 }
 
 async function showJob(id, job) {
@@ -288,6 +341,7 @@ async function showJob(id, job) {
 }
 
 async function poll() {
+  state.pollTimer = null;
   const id = state.jobId;
   try {
     const job = await api("/v1/jobs/" + id);
@@ -340,11 +394,16 @@ function renderJob(job) {
     bar.removeAttribute("value"); // indeterminate while queued or encoding the image
   }
   let ptext = "";
-  if (job.status === "running" && total > 0) {
+  const phase = job.status === "running" ? job.phase : null;
+  if (phase && PHASE_TEXT[phase]) {
+    ptext = PHASE_TEXT[phase];
+  } else if (job.status === "running" && total > 0) {
     ptext = `step ${step} / ${total}`;
     if (job.eta_s !== null) ptext += ` · about ${fmtSeconds(job.eta_s)} left`;
   }
   $("#progress-text").textContent = ptext;
+  $("#progress-text").dataset.phase = job.status === "succeeded" ? "done" : phase || job.status;
+  showLivePreview(active ? job.preview_url : null);
   $("#cancel").hidden = !active || job.cancel_requested;
 
   if (job.status === "failed") {
@@ -354,11 +413,40 @@ function renderJob(job) {
   $("#reuse").hidden = false;
 
   if (active) {
-    state.pollTimer = setTimeout(poll, POLL_MS);
+    follow(job);
   } else {
+    stopPolling();
     if (job.status === "succeeded") showVideo(job);
     if (justFinished) loadHistory(true);
   }
+}
+
+// The live preview: every frame so far, animated, while the job runs; gone when it ends.
+async function showLivePreview(url) {
+  if (url === state.livePreview) return;
+  state.livePreview = url;
+  const img = $("#live-preview");
+  const drop = () => { if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src); };
+  if (!url) {
+    drop();
+    img.hidden = true;
+    img.removeAttribute("src");
+    return;
+  }
+  let src = url;
+  if (token()) { // an <img> cannot send the header: fetch the bytes
+    try {
+      const res = await fetch(url, { headers: { Authorization: "Bearer " + token() } });
+      if (!res.ok) return;
+      src = URL.createObjectURL(await res.blob());
+    } catch (e) {
+      return; // the next preview will do
+    }
+    if (state.livePreview !== url) return URL.revokeObjectURL(src);
+  }
+  drop();
+  img.src = src;
+  img.hidden = false;
 }
 
 async function showVideo(job) {

@@ -1,24 +1,32 @@
-"""The job API: submit, list, status, video, input image, cancel."""
+"""The job API: submit, list, status, events, preview, video, input image, cancel."""
 
 from __future__ import annotations
 
+import functools
+import json
 import secrets
 import time
 from datetime import datetime, timezone
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import HTTPException
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ...errors import ParameterError
-from .. import upload
+from .. import options, upload
 from ..context import Context, ErrorBody, error, get_context
-from ..store import Job, JobStore, QueueFull, valid_id
+from ..live import Live
+from ..store import FINISHED, PRIORITIES, Job, JobStore, KeyReused, QueueFull, valid_id
 from .model import parameter_spec
 
 router = APIRouter(tags=["jobs"])
 MAX_OFFSET = 2**63 - 1  # SQLite's largest integer: a larger OFFSET would overflow its binding
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+EVENTS_POLL_S = 0.25  # how often an event stream looks for a change
+EVENTS_KEEPALIVE_S = 15.0  # a comment line now and then keeps proxies from closing a quiet stream
+EVENTS_MAX_S = 30.0  # a stream ends after this (the browser reconnects): shutdown never waits on one for long
 
 
 def _iso(t: float | None) -> str | None:
@@ -34,13 +42,19 @@ def _eta(job: Job, now: float) -> float | None:
     return round(max(0.0, per_step * (job.total - job.step) - (now - job.progress_at)), 1)
 
 
-def job_json(job: Job, store: JobStore) -> dict:
+def job_json(job: Job, store: JobStore, live: Live | None = None) -> dict:
+    """The job as the API shows it; `live` (the dispatcher's) adds its phase and latest preview."""
     base = f"/v1/jobs/{job.id}"
+    phase = live.phase if live is not None and job.status == "running" else None
+    preview = live is not None and live.preview is not None
     return {
         "id": job.id,
         "status": job.status,
         "progress": {"step": job.step, "total": job.total},
-        "eta_s": _eta(job, time.time()),
+        "phase": phase,
+        # Only sampling's steps predict the time left: no "0 s left" while decoding.
+        "eta_s": _eta(job, time.time()) if phase in (None, "sampling") else None,
+        "preview_url": f"{base}/preview?v={live.version}" if preview else None,
         "queue_position": store.queue_position(job),
         "parameters": job.params,
         "resolved_parameters": job.resolved,
@@ -52,7 +66,10 @@ def job_json(job: Job, store: JobStore) -> dict:
         "finished": _iso(job.finished),
         "url": base,
         "image_url": base + "/image",
-        "video_url": base + "/video" if job.status == "succeeded" else None,
+        "video_url": base + "/video" if job.status == "succeeded" and not job.files_deleted else None,
+        "priority": PRIORITY_NAMES.get(job.priority, str(job.priority)),
+        "webhook": job.webhook,
+        "files_deleted": _iso(job.files_deleted),
     }
 
 
@@ -61,6 +78,8 @@ def _multipart_schema() -> dict:
     for name, s in parameter_spec().items():
         if s["type"] == "choice":
             props[name] = {"type": "string", "enum": s["choices"], "description": s["help"]}
+        elif s["type"] == "bool":
+            props[name] = {"type": "boolean", "description": s["help"]}
         else:
             props[name] = {
                 "type": "integer" if s["type"] == "int" else "number",
@@ -68,6 +87,8 @@ def _multipart_schema() -> dict:
                 "maximum": s["max"],
                 "description": s["help"],
             }
+    props["priority"] = {"type": "string", "enum": list(PRIORITIES), "description": "queue order (normal)"}
+    props["webhook"] = {"type": "string", "description": "URL POSTed the job, signed, when it ends"}
     schema = {"type": "object", "required": ["image"], "properties": props}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
@@ -92,14 +113,15 @@ def _refusal(ctx: Context, store: JobStore) -> JSONResponse | None:
     return _queue_full(ctx, store, queued) if queued >= ctx.max_queue else None
 
 
-async def _read_job(request: Request, ctx: Context) -> tuple[dict, bytes, str, str]:
-    """(parameters, image bytes, extension, mime type) of the upload, checked against a worker's memory;
-    raises ParameterError (NotEnoughMemory among them), HTTPException."""
+async def _read_job(request: Request, ctx: Context) -> tuple[dict, dict, bytes, str, str]:
+    """(parameters, queue options, image bytes, extension, mime type) of the upload, checked against a
+    worker's memory; raises ParameterError (NotEnoughMemory among them), HTTPException."""
     limit = ctx.max_upload_bytes
     upload.check_length(request, limit)
     form = await upload.read_form(request, limit)
     try:
         params = upload.parse_params(form)
+        queue_options = options.parse(form, ctx.webhook_secret is not None)
         async with ctx.decode_slots:  # a bounded number of uploads in memory and being decoded at once
             data = await upload.read_image(form, limit)
             ext, mime, size = await run_in_threadpool(upload.sniff_image, data)
@@ -108,7 +130,21 @@ async def _read_job(request: Request, ctx: Context) -> tuple[dict, bytes, str, s
     worker = ctx.ready_worker()
     if worker is not None and hasattr(worker, "check"):  # a job no worker could ever hold is refused now
         await run_in_threadpool(worker.check, params, size)
-    return params, data, ext, mime
+    return params, queue_options, data, ext, mime
+
+
+def _replayed(store: JobStore, e: KeyReused) -> JSONResponse:
+    """The answer to a request whose Idempotency-Key was used before: its job, or 422 for another request."""
+    job = store.get(e.job_id)
+    if not e.same or job is None:
+        return error(
+            422,
+            f"this {options.KEY_HEADER} was used for another request (job {e.job_id}) in the last 24 h;"
+            " send a new key for a new job",
+            field=options.KEY_HEADER,
+        )
+    headers = {"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"}
+    return JSONResponse(job_json(job, store), status_code=202, headers=headers)
 
 
 @router.post(
@@ -134,16 +170,20 @@ async def submit(request: Request, ctx: Context = Depends(get_context)):
     if refusal is not None:
         return refusal
     try:
-        params, data, ext, mime = await _read_job(request, ctx)
+        params, queue_options, data, ext, mime = await _read_job(request, ctx)
+        key = options.idempotency(request.headers, params, data, queue_options)
     except ParameterError as e:
         return error(422, str(e), field=e.field, fields=list(getattr(e, "fields", [e.field])))
     if params["seed"] is None:
         # Below 2**32 so the seed survives JavaScript numbers in the page intact.
         params["seed"] = secrets.randbelow(2**32)
+    create = functools.partial(store.create, idempotency=key, **queue_options)
     try:
-        job = await run_in_threadpool(store.create, params, data, ext, mime, ctx.max_queue)
+        job = await run_in_threadpool(create, params, data, ext, mime, ctx.max_queue)
     except QueueFull as e:
         return await run_in_threadpool(_queue_full, ctx, store, e.queued)
+    except KeyReused as e:
+        return await run_in_threadpool(_replayed, store, e)
     ctx.dispatcher.wake()
     return JSONResponse(job_json(job, store), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -157,7 +197,12 @@ def list_jobs(
     """The history, newest first."""
     store = ctx.get_store()
     jobs, total = store.list(limit, offset)
-    return {"jobs": [job_json(j, store) for j in jobs], "total": total, "limit": limit, "offset": offset}
+    shown = [job_json(j, store, _live(ctx, j.id)) for j in jobs]
+    return {"jobs": shown, "total": total, "limit": limit, "offset": offset}
+
+
+def _live(ctx: Context, job_id: str) -> Live | None:
+    return ctx.dispatcher.live.get(job_id) if ctx.dispatcher is not None else None
 
 
 def _find(ctx: Context, job_id: str) -> tuple[JobStore, Job]:
@@ -170,9 +215,61 @@ def _find(ctx: Context, job_id: str) -> tuple[JobStore, Job]:
 
 @router.get("/v1/jobs/{job_id}")
 def get_job(job_id: str, ctx: Context = Depends(get_context)):
-    """Status, progress {step, total}, eta_s, parameters, error, timestamps, video url."""
+    """Status, progress {step, total}, phase, eta_s, preview url, parameters, error, timestamps, video url."""
     store, job = _find(ctx, job_id)
-    return job_json(job, store)
+    return job_json(job, store, _live(ctx, job_id))
+
+
+def _event(name: str, body: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(body)}\n\n"
+
+
+async def _events(request: Request, ctx: Context, job_id: str):
+    """The stream of `job_events`: a `progress` event at each change, `end` with the final state."""
+    yield "retry: 1000\n\n"  # reconnect after a second when a stream ends or drops
+    last, quiet, started = None, 0.0, time.monotonic()
+    while time.monotonic() - started < EVENTS_MAX_S:
+        try:
+            store, job = await run_in_threadpool(_find, ctx, job_id)
+            body = await run_in_threadpool(job_json, job, store, _live(ctx, job_id))
+        except HTTPException:  # the server is stopping
+            return
+        if job.status in FINISHED:
+            yield _event("end", body)
+            return
+        changed = {k: v for k, v in body.items() if k != "eta_s"}  # the ETA alone ticks without news
+        if changed != last or quiet >= EVENTS_KEEPALIVE_S:
+            yield _event("progress", body)
+            last, quiet = changed, 0.0
+        if await request.is_disconnected():
+            return
+        await anyio.sleep(EVENTS_POLL_S)
+        quiet += EVENTS_POLL_S
+
+
+@router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_context)):
+    """Server-sent events (text/event-stream): `progress` with the job's JSON (status, progress, phase, eta_s,
+    preview_url) whenever it changes, then `end` with its final state. A stream lasts at most 30 s; clients
+    (EventSource does it by itself) connect again. Browsers pass a token as `?token=`."""
+    await run_in_threadpool(_find, ctx, job_id)  # 404 now, not inside a stream
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
+    return StreamingResponse(_events(request, ctx, job_id), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/v1/jobs/{job_id}/preview", responses={200: {"content": {"image/webp": {}, "image/gif": {}}}})
+def get_preview(job_id: str, ctx: Context = Depends(get_context)):
+    """The latest live preview: every frame, small and rough (the latents' colours), as an animated image."""
+    _, job = _find(ctx, job_id)
+    live = _live(ctx, job_id)
+    if live is None or live.preview is None:
+        why = (
+            "it has not reached its first step yet"
+            if job.status in ("queued", "running")
+            else "none was kept"
+        )
+        raise HTTPException(404, f"no preview for this job: {why}")
+    return Response(live.preview, media_type=live.preview_type, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/v1/jobs/{job_id}/video", response_class=FileResponse)
@@ -180,6 +277,8 @@ def get_video(job_id: str, ctx: Context = Depends(get_context)):
     """The mp4 of a succeeded job (Range requests supported)."""
     store, job = _find(ctx, job_id)
     path = store.video_path(job)
+    if job.files_deleted:
+        raise HTTPException(410, f"the video was deleted at {_iso(job.files_deleted)} (output retention)")
     if job.status != "succeeded" or path is None or not path.is_file():
         raise HTTPException(404, f"no video: the job is {job.status}")
     return FileResponse(
@@ -207,7 +306,7 @@ def cancel_job(job_id: str, ctx: Context = Depends(get_context)):
     job = store.cancel(job_id)
     if job.status == "running":
         if ctx.dispatcher.cancel(job_id):
-            return JSONResponse(job_json(job, store), status_code=202)
+            return JSONResponse(job_json(job, store, _live(ctx, job_id)), status_code=202)
         store.mark_canceled(job_id)  # no slot is running it, so nothing else would ever end it
         job = store.get(job_id)
     return job_json(job, store)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from ...params import CHOICES, INTS, PARAM_NAMES, RANGES, SIDE_MULTIPLE, GenerateParams
+from ...params import BOOLS, CHOICES, INTS, PARAM_NAMES, RANGES, SIDE_MULTIPLE, GenerateParams
 from ..context import Context, error, get_context
 
 router = APIRouter(tags=["model"])
@@ -15,6 +15,7 @@ CHOICE_HELP = {
     "guidance": "how the guidance scale moves from min_cfg (first frame) to max_cfg (last frame)",
     "sampler": "the ODE solver: euler is the reference, heun and dpmpp_2m need fewer steps",
     "fit": "how an image of another shape becomes width x height: crop the overflow or pad the rest",
+    "loop": "pingpong plays the video forward then backward (2T-2 frames), so it loops without a jump",
 }
 NONE_MEANS = {
     "width": "1024 (576 for a portrait image)",
@@ -30,6 +31,8 @@ def parameter_spec() -> dict:
     for name in PARAM_NAMES:
         if name in CHOICES:
             spec[name] = {"type": "choice", "choices": list(CHOICES[name]), "help": CHOICE_HELP.get(name, "")}
+        elif name in BOOLS:
+            spec[name] = {"type": "bool", "help": BOOLS[name]}
         else:
             lo, hi, help_text = RANGES[name]
             kind = "int" if name in INTS else "float"
