@@ -346,7 +346,9 @@ def test_compiled_net_runs_eagerly_until_built_then_loads_and_follows_moved_weig
     own) gives the eager result, also in a new CompiledNet (a later process), and again after the network's
     weights were replaced (low-memory mode moves them); another shape is another artifact."""
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
-    monkeypatch.setattr(compiled, "aot_probe", lambda device: None)  # packages load here (tested below)
+    monkeypatch.setattr(
+        compiled, "aot_probe", lambda device, progress=None: None
+    )  # packages load here (tested below)
     torch.manual_seed(0)
     net = Small().eval().requires_grad_(False)
     x, s = torch.randn(4, 4, 6, 6), torch.rand(4)
@@ -371,7 +373,7 @@ def test_compiled_net_runs_eagerly_until_built_then_loads_and_follows_moved_weig
 
 
 def test_a_failed_build_is_remembered_and_runs_eagerly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(compiled, "aot_probe", lambda device: None)
+    monkeypatch.setattr(compiled, "aot_probe", lambda device, progress=None: None)
     net = Small().eval().requires_grad_(False)
     x, s = torch.randn(2, 4, 6, 6), torch.rand(2)
     f = compiled.CompiledNet("small", net, {}, tmp_path)
@@ -393,7 +395,9 @@ def test_a_failed_build_is_remembered_and_runs_eagerly(tmp_path, monkeypatch, ca
 def test_where_packages_do_not_load_torch_compile_runs_in_the_process(tmp_path, monkeypatch):
     """The jit backend: build compiles with torch.compile (its eager backend here, for speed) and later calls of
     that shape take it; nothing is written for other processes."""
-    monkeypatch.setattr(compiled, "aot_probe", lambda device: "loading a package failed (signal 11)")
+    monkeypatch.setattr(
+        compiled, "aot_probe", lambda device, progress=None: "loading a package failed (signal 11)"
+    )
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda net, **kw: real(net, backend="eager", **kw))
     net = Small().eval().requires_grad_(False)
@@ -431,6 +435,8 @@ def test_the_package_probe_runs_apart_and_is_remembered(tmp_path, monkeypatch, s
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_build)
     monkeypatch.setattr(compiled, "_PROBE", script)
     cpu = torch.device("cpu")
-    first = compiled.aot_probe(cpu)
+    heard: list[str] = []
+    first = compiled.aot_probe(cpu, heard.append)
     assert (first is None) if expect is None else (expect in first)
-    assert compiled.aot_probe(cpu) == first and len(builds) == 1
+    assert compiled.aot_probe(cpu, heard.append) == first and len(builds) == 1
+    assert len(heard) == 1 and "checking" in heard[0]  # said when the check runs, not when it is known

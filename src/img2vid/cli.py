@@ -974,7 +974,9 @@ def _accel_choice(args: argparse.Namespace):
 def _compile_after(args: argparse.Namespace, pipe) -> None:
     """After the videos are written: compile the shapes that ran eagerly, so that later runs load them."""
     missing = pipe.missing_compiled()
-    if not missing or pipe.compiled_backend() != "aot":  # torch.compile's graphs would die with this process
+    if (
+        not missing or pipe.compiled_backend(progress=lambda text: _info(args, text)) != "aot"
+    ):  # torch.compile's graphs would die with this process
         return
     print(
         f"{PROG}: compiling for this GPU so that later runs at this size are faster (once, a few minutes; "

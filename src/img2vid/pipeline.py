@@ -40,6 +40,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def _finish(frames: np.ndarray, decoded, p: GenerateParams, rife, report: Reporter, mark) -> np.ndarray:
+    """The generated frames as written: interpolated, watermarked (every frame, in-between ones too), looped."""
+    if rife is not None:
+        report.phase("interpolating")
+        frames = interpolation.interleave(
+            frames, to_uint8(interpolation.in_between(rife, decoded, p.interpolate))
+        )
+        mark("interpolating")
+    if p.watermark:
+        frames = embed_watermark(frames)
+        mark("watermark")
+    if p.loop == "pingpong":
+        frames = pingpong(frames)
+    return frames
+
+
 class Pipeline:
     def __init__(
         self,
@@ -83,10 +99,11 @@ class Pipeline:
         log.info("fast paths: %s", "; ".join(self.accel.lines()))
         return self
 
-    def compiled_backend(self) -> str | None:
-        """ "aot" (artifacts on disk, loaded in seconds), "jit" (torch.compile in this process), or None."""
+    def compiled_backend(self, progress: Callable[[str], None] | None = None) -> str | None:
+        """ "aot" (artifacts on disk, loaded in seconds), "jit" (torch.compile in this process), or None.
+        The first answer on a machine takes a check (a tiny build); `progress` hears of it."""
         f = self.unet_forward
-        return f.backend() if isinstance(f, accel.compiled.CompiledNet) else None
+        return f.backend(progress) if isinstance(f, accel.compiled.CompiledNet) else None
 
     def missing_compiled(self) -> list[str]:
         """The network shapes this pipeline ran eagerly for want of a compiled artifact."""
@@ -222,17 +239,7 @@ class Pipeline:
         report.phase("loading")
         given = (noise, cond_noise)
         frames, decoded, chunk = self._segments(pil, p, seeds, given, sigmas, fit.decode_chunk, report, mark)
-        if rife is not None:
-            report.phase("interpolating")
-            frames = interpolation.interleave(
-                frames, to_uint8(interpolation.in_between(rife, decoded, p.interpolate))
-            )
-            mark("interpolating")
-        if p.watermark:  # after interpolating: every frame carries it
-            frames = embed_watermark(frames)
-            mark("watermark")
-        if p.loop == "pingpong":
-            frames = pingpong(frames)
+        frames = _finish(frames, decoded, p, rife, report, mark)
         params = self._record(p, W, H, chunk, decode_chunk_size, fit)
         params.update(segment_seeds=seeds, total_frames=len(frames))
         params.update(seconds=round(time.perf_counter() - started, 3), timings=timings)

@@ -81,9 +81,9 @@ def apply(pipe, report) -> None:
     )
 
 
-def aot_probe(device: torch.device) -> str | None:
+def aot_probe(device: torch.device, progress: Callable[[str], None] | None = None) -> str | None:
     """None if AOTInductor packages load and run here (this torch, this GPU), else why not; checked once, the
-    answer kept in the cache folder."""
+    answer kept in the cache folder. `progress` hears of the check when it has to run (it builds a package)."""
     facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.executable}
     if device.type == "cuda":
         facts["device"] = torch.cuda.get_device_name(device)
@@ -91,6 +91,10 @@ def aot_probe(device: torch.device) -> str | None:
     record = cache_root() / "compiled" / f"aot-probe-{digest}.json"
     if record.is_file():
         return json.loads(record.read_text())["unusable"]
+    if progress is not None:
+        progress(
+            "checking once whether this torch can load compiled artifacts on this GPU (up to a minute or two)"
+        )
     unusable = _probe(device)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({**facts, "unusable": unusable}))
@@ -196,9 +200,9 @@ class CompiledNet:
     def device(self) -> torch.device:
         return self.weights[0].device if self.weights else torch.device("cpu")
 
-    def backend(self) -> str:
+    def backend(self, progress: Callable[[str], None] | None = None) -> str:
         """ "aot" (artifacts on disk) where this torch loads AOTInductor packages, else "jit" (torch.compile)."""
-        return "jit" if aot_probe(self.device) else "aot"
+        return "jit" if aot_probe(self.device, progress) else "aot"
 
     def path(self, key: tuple) -> Path:
         if key not in self._paths:
@@ -246,7 +250,7 @@ class CompiledNet:
         gen = torch.Generator(device).manual_seed(0)
         example = tuple(_example(shape, stride, dt, device, gen) for shape, stride, dt in spec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = self.backend()
+        backend = self.backend(progress)
         t = time.perf_counter()
         shapes = " ".join("x".join(map(str, s)) for s, _, _ in spec)
         progress(
