@@ -144,6 +144,14 @@ def test_signed_output_carries_a_valid_c2pa_manifest(tmp_path, signing_files, na
     assert read_metadata(path) == {"model": "svd-xt"}
 
 
+def test_an_unsigned_file_has_no_manifest(tmp_path):
+    c2pa = pytest.importorskip("c2pa")
+    path = write_video(tmp_path / "a.mp4", _frames(), 7, {"model": "m"})
+    with pytest.raises(c2pa.C2paError, match="ManifestNotFound"):
+        _manifest(path)
+    assert provenance.read_provenance(path)["model"] == "m"  # the XMP label is there all the same
+
+
 def test_signing_detects_a_changed_file(tmp_path, signing_files):
     path = write_video(tmp_path / "a.mp4", _frames(), 7, {"model": "m"}, sign=signing_files)
     data = bytearray(path.read_bytes())
