@@ -115,6 +115,8 @@ def test_idempotency_key_gives_the_same_job_and_refuses_another_body(tmp_path, m
         other = submit(c, image, headers={"Idempotency-Key": "order-2"})
         assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
         assert c.get("/v1/jobs").json()["total"] == 2
+        post = c.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
+        assert {"name": "Idempotency-Key", "in": "header"}.items() <= post["parameters"][0].items()
 
         monkeypatch.setattr(store, "IDEMPOTENCY_S", -1)  # every key has expired
         later = submit(c, image, headers={"Idempotency-Key": "order-1"})

@@ -90,7 +90,17 @@ def _multipart_schema() -> dict:
     props["priority"] = {"type": "string", "enum": list(PRIORITIES), "description": "queue order (normal)"}
     props["webhook"] = {"type": "string", "description": "URL POSTed the job, signed, when it ends"}
     schema = {"type": "object", "required": ["image"], "properties": props}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "the same key within 24 h answers with the same job (422 if the request differs)",
+    }
+    return {
+        "parameters": [key],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
+    }
 
 
 def _queue_full(ctx: Context, store: JobStore, queued: int) -> JSONResponse:
