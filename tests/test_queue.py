@@ -24,26 +24,15 @@ SECRET = "webhook-s3cret"
 pipe = test_server.pipe  # the session's tiny pipeline fixture
 
 
-class RecordingWorker:
+class RecordingWorker(test_server.ScriptedWorker):
     """Runs every job at once, remembering the order; each video is `size` bytes."""
 
     def __init__(self, size=1000):
+        super().__init__([])
         self.order, self.size = [], size
-
-    def start(self):
-        pass
-
-    def ready(self):
-        return True
-
-    def error(self):
-        return None
 
     def info(self):
         return {"model": "recording", "device": "cpu", "defaults": {}}
-
-    def close(self):
-        pass
 
     def run(self, job_id, image, params, on_progress):
         self.order.append(job_id)
