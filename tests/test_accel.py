@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import types
+from pathlib import Path
 
 import gelu_fit
 import pytest
@@ -425,6 +426,7 @@ def test_the_package_probe_runs_apart_and_is_remembered(tmp_path, monkeypatch, s
     """Loading a package runs in a separate process (a crash there is an answer, not the end of this one), and
     the answer is kept: the second question builds nothing."""
     monkeypatch.setenv("IMG2VID_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "_compilers", lambda: [None])
     builds = []
 
     def fake_build(ep, package_path):
@@ -440,3 +442,34 @@ def test_the_package_probe_runs_apart_and_is_remembered(tmp_path, monkeypatch, s
     assert (first is None) if expect is None else (expect in first)
     assert compiled.aot_probe(cpu, heard.append) == first and len(builds) == 1
     assert len(heard) == 1 and "checking" in heard[0]  # said when the check runs, not when it is known
+
+
+def test_the_probe_tries_the_next_compiler_and_builds_with_the_one_that_works(tmp_path, monkeypatch):
+    """A package that crashes on load (built by a compiler with another C++ runtime) sends the probe on to the
+    next compiler on PATH; later builds use the one whose package loaded."""
+    monkeypatch.setenv("IMG2VID_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "_compilers", lambda: [None, "/opt/good/g++"])
+    used = []
+
+    def fake_build(ep, package_path):  # the package remembers which compiler Inductor was told to use
+        cxx = torch._inductor.config.cpp.cxx[-1]
+        used.append(cxx)
+        Path(package_path).write_text(str(cxx))
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_build)
+    load = "import os, signal, sys\nif open(sys.argv[1]).read() != '/opt/good/g++': os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(compiled, "_PROBE", load)
+    cpu = torch.device("cpu")
+    assert compiled.aot_compiler(cpu) is None  # not probed yet
+    assert compiled.aot_probe(cpu) is None
+    assert used[-1] == "/opt/good/g++" and len(used) == 2 and used[0] != "/opt/good/g++"
+    assert compiled.aot_compiler(cpu) == "/opt/good/g++"
+    with compiled._compiler(compiled.aot_compiler(cpu)):
+        assert torch._inductor.config.cpp.cxx == ("/opt/good/g++",)
+
+    monkeypatch.setattr(compiled, "_PROBE", "raise SystemExit('no')")
+    monkeypatch.setenv("CXX", "/opt/other/g++")  # another $CXX is asked anew, and no compiler works
+    reason = compiled.aot_probe(cpu)
+    assert reason.count("exit 1") == 2 and "built by /opt/good/g++" in reason
+    assert compiled.aot_compiler(cpu) is None

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -84,50 +85,121 @@ def apply(pipe, report) -> None:
 def aot_probe(device: torch.device, progress: Callable[[str], None] | None = None) -> str | None:
     """None if AOTInductor packages load and run here (this torch, this GPU), else why not; checked once, the
     answer kept in the cache folder. `progress` hears of the check when it has to run (it builds a package)."""
+    return _probe_record(device, progress)["unusable"]
+
+
+def aot_compiler(device: torch.device) -> str | None:
+    """The C++ compiler the probe found to build loadable packages (None: torch's own choice), once probed."""
+    record = _record_path(device)
+    return json.loads(record.read_text()).get("cxx") if record.is_file() else None
+
+
+def _record_path(device: torch.device) -> Path:
+    facts = _probe_facts(device)
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "compiled" / f"aot-probe-{digest}.json"
+
+
+def _probe_facts(device: torch.device) -> dict:
     facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.executable}
+    facts["cxx"] = os.environ.get("CXX")
     if device.type == "cuda":
         facts["device"] = torch.cuda.get_device_name(device)
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    record = cache_root() / "compiled" / f"aot-probe-{digest}.json"
+    return facts
+
+
+def _probe_record(device: torch.device, progress: Callable[[str], None] | None) -> dict:
+    record = _record_path(device)
     if record.is_file():
-        return json.loads(record.read_text())["unusable"]
+        return json.loads(record.read_text())
     if progress is not None:
         progress(
             "checking once whether this torch can load compiled artifacts on this GPU (up to a minute or two)"
         )
-    unusable = _probe(device)
+    unusable, cxx = _probe(device)
+    answer = {**_probe_facts(device), "unusable": unusable, "cxx": cxx}
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({**facts, "unusable": unusable}))
-    return unusable
+    record.write_text(json.dumps(answer))
+    return answer
+
+
+def _compilers() -> list[str | None]:
+    """torch's choice of C++ compiler ($CXX, else g++) as None, then the other compilers on PATH: a compiler with
+    another C++ runtime than this process's (a $CXX of its own build, say) makes packages that crash on load."""
+    default = shutil.which(os.environ.get("CXX") or "g++")
+    seen = {os.path.realpath(default)} if default else set()
+    found: list[str | None] = [None]
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            found.append(path)
+    return found
 
 
 _PROBE = """
 import sys, torch
-m = torch._inductor.aoti_load_package(sys.argv[1], device_index={index})
+sys.path.insert(0, {root!r})
+from img2vid.accel.compiled import _runner
+run = _runner(sys.argv[1], {index})
 x = torch.ones(4, 8, device="{device}")
-assert torch.allclose(m(x), x @ torch.full((8, 8), 0.5, device="{device}").t()), "wrong result"
+assert torch.allclose(run([x])[0], x @ torch.full((8, 8), 0.5, device="{device}").t()), "wrong result"
 """
 
 
-def _probe(device: torch.device) -> str | None:
+def _probe(device: torch.device) -> tuple[str | None, str | None]:
+    """(None, compiler) for the first compiler whose package loads and runs in a separate process, else (why
+    not, None)."""
     import subprocess
 
     net = nn.Linear(8, 8, bias=False).to(device)
     nn.init.constant_(net.weight, 0.5)
     index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        try:
-            ep = torch.export.export(net, (torch.ones(4, 8, device=device),), strict=False)
-            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "probe.pt2"))
-        except Exception as e:
-            return f"building a package failed: {type(e).__name__}: {e}"
-        code = _PROBE.format(index=index, device=device.type)
-        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-    how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-    return f"loading a package failed with torch {torch.__version__} ({how}: {last[-200:]})"
+    code = _PROBE.format(index=index, device=device.type, root=str(Path(__file__).resolve().parents[2]))
+    reasons = []
+    for cxx in _compilers():
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _compiler(cxx, fresh=True):
+            try:
+                ep = torch.export.export(net, (torch.ones(4, 8, device=device),), strict=False)
+                path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "probe.pt2"))
+            except Exception as e:
+                reasons.append(f"building a package{_by(cxx)} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            r = subprocess.run(
+                [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300
+            )
+        if r.returncode == 0:
+            return None, cxx
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        reasons.append(
+            f"loading a package{_by(cxx)} failed with torch {torch.__version__} ({how}: {last[-200:]})"
+        )
+    return "; ".join(reasons), None
+
+
+def _by(cxx: str | None) -> str:
+    return f" built by {cxx}" if cxx else ""
+
+
+def _compiler(cxx: str | None, fresh: bool = False):
+    """Inductor's settings for building with `cxx` (None: its own choice); `fresh` skips its caches, which would
+    hand back a library another compiler built."""
+    patch = {"cpp.cxx": (cxx,)} if cxx else {}
+    if fresh:
+        patch["force_disable_caches"] = True
+    return torch._inductor.config.patch(patch)
+
+
+def _runner(path: str, index: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The package's flat runner: inputs in, outputs out. Not aoti_load_package, whose device check starts a
+    compiler and a Python process per CPU instruction set, seconds at every start: the file name already
+    pins the GPU and torch."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+    except TypeError:  # an older torch's signature
+        loader = torch._inductor.aoti_load_package(path, device_index=index).loader
+    return loader.run
 
 
 @functools.cache
@@ -222,7 +294,7 @@ class CompiledNet:
         device = self.device
         index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
         try:
-            model = torch._inductor.aoti_load_package(str(path), device_index=index)
+            model = _runner(str(path), index)
         except Exception as e:  # a damaged file: eager, and a rebuild replaces it
             log.warning("%s: could not load %s (%s); running eagerly", self.name, path, e)
             self._unloadable.add(key)
@@ -274,7 +346,7 @@ class CompiledNet:
         return True
 
     def _build_aot(self, path: Path, example: tuple, num_frames: int) -> None:
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp, _compiler(aot_compiler(self.device)):
             args = ([t.detach() for t in self.weights], *example)
             ep = torch.export.export(_Functional(self.net, num_frames), args, strict=False)
             os.replace(
@@ -293,8 +365,8 @@ class CompiledNet:
         self.loaded[key] = functools.partial(_run_jit, self._jit, num_frames)
 
 
-def _run_aot(model, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    return model(weights, *tensors)
+def _run_aot(run, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    return run([*weights, *tensors])[0]
 
 
 def _run_jit(fn, num_frames: int, *tensors: torch.Tensor) -> torch.Tensor:
