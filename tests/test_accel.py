@@ -473,3 +473,15 @@ def test_the_probe_tries_the_next_compiler_and_builds_with_the_one_that_works(tm
     reason = compiled.aot_probe(cpu)
     assert reason.count("exit 1") == 2 and "built by /opt/good/g++" in reason
     assert compiled.aot_compiler(cpu) is None
+
+
+def test_deciding_whether_artifacts_can_load_does_not_import_inductor():
+    """Importing Inductor takes seconds; a command that only loads artifacts must not pay for it."""
+    import subprocess
+
+    code = (
+        "import sys, torch; from img2vid.accel import compiled; "
+        "print(compiled.unavailable(torch.device('cuda'), torch.float16, 'fast'), 'torch._inductor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "False"]

@@ -84,9 +84,6 @@ class Pipeline:
         (img2vid.accel: "auto", "none" or a list of names). Called once, by `load`."""
         self.memory, self.memory_reason = mode, reason
         self.accel = accel.apply(self, fast_paths)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
-            self.accel.settings.append("torch.backends.cudnn.benchmark=True")
         if self.offloading:
             if memory.use_expandable_segments():
                 self.accel.settings.append("CUDA allocator: expandable_segments (low memory mode)")

@@ -18,10 +18,12 @@ for the full-size UNet), which `img2vid generate` does after writing its videos,
 the artifact.
 
 Whether this torch can load AOTInductor packages on this GPU is checked once, before the first build: a tiny
-package is built and loaded in a separate process, so that a crash there (seen with torch 2.11 on an H200) cannot
-take the caller down. Where it cannot, the backend is "jit": `build` compiles with torch.compile in this process
-(Inductor keeps its kernels on disk, so later processes compile faster), which pays off in a long-lived process
-such as the server; a one-video command then stays eager.
+package is built and loaded in a separate process, so that a crash there cannot take the caller down. A package
+built by a C++ compiler that carries its own C++ runtime (a $CXX of a custom build, say) crashes on load in the
+process's runtime, so the check tries torch's choice first, then the other compilers on PATH, and builds with the
+first whose package loads. Where none does, the backend is "jit": `build` compiles with torch.compile in this
+process (Inductor keeps its kernels on disk, so later processes compile faster), which pays off in a long-lived
+process such as the server; a one-video command then stays eager.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def cache_root() -> Path:
 def unavailable(device: torch.device, dtype: torch.dtype, memory: str) -> str | None:
     if device.type != "cuda":
         return "needs a CUDA device"
-    if not hasattr(torch._inductor, "aoti_load_package"):
+    # Not torch._inductor: importing it takes seconds, and loading an artifact needs only the C++ loader.
+    if not hasattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader"):
         return f"needs torch >= 2.6 with AOTInductor packages (this is {torch.__version__})"
     return None
 
