@@ -19,25 +19,18 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import Img2VidError
-from .worker import JobResult, LocalWorker, Progress, WorkerLost, check_memory
+from .worker import JobResult, LocalWorker, Progress, RemoteWorker, WorkerLost
 
 log = logging.getLogger("img2vid.server")
 
 
-class ProcessWorker:
+class ProcessWorker(RemoteWorker):
     """Like LocalWorker(load=...), with the model in a child process (`load` must be picklable, e.g. a
     functools.partial of img2vid.load)."""
 
     def __init__(self, load: Callable[[], Any], *, name: str | None = None, log_level: str = "WARNING"):
-        self._load, self._name, self._log_level = load, name, log_level
-        self._lock = threading.Lock()  # one job at a time, and no restart under a running job
-        self._ready = threading.Event()
+        super().__init__(load, name, log_level)
         self._proc = self._conn = None
-        self._info: dict = {}
-        self._profile = None  # memory.Profile of the child's pipeline
-        self._capacity: int | None = None  # bytes free on the child's device while idle
-        self._error: str | None = None
-        self._closed = False
 
     def start(self) -> None:
         if self._proc is None:
@@ -66,18 +59,6 @@ class ProcessWorker:
         elif not self._closed:
             self._error = message[1]
             log.error("%s", self._error)
-
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def error(self) -> str | None:
-        return self._error
-
-    def info(self) -> dict:
-        return self._info or {"model": self._name, "device": None, "defaults": {}}
-
-    def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        check_memory(self._profile, self._capacity, params, image_size)
 
     def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
         with self._lock:

@@ -22,7 +22,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from ..errors import Img2VidError
 from .process import _portable
-from .worker import JobResult, LocalWorker, Progress, WorkerLost, check_memory
+from .worker import JobResult, LocalWorker, Progress, RemoteWorker, WorkerLost
 
 log = logging.getLogger("img2vid.server")
 POLL_S = 0.2  # how often a running job's progress is asked for
@@ -101,21 +101,16 @@ def _reason(e: Exception) -> str:
     return " ".join(lines[:3]) or type(e).__name__
 
 
-class RayWorker:
+class RayWorker(RemoteWorker):
     """The Worker interface over one actor; `options` are the actor's Ray options (num_gpus=1, or
     num_cpus=1 for a CPU actor). A dead actor is replaced by a new one, loading the model again."""
 
     def __init__(
         self, load: Callable[[], Any], options: dict, *, name: str | None = None, log_level="WARNING"
     ):
-        self._load, self._options, self._name, self._log_level = load, options, name, log_level
-        self._lock = threading.Lock()  # one job at a time per actor, and no replacement under a running job
-        self._ready = threading.Event()
-        self._actor = None
-        self._info: dict = {}
-        self._profile = self._capacity = self._host = None
-        self._error: str | None = None
-        self._closed = False
+        super().__init__(load, name, log_level)
+        self._options = options
+        self._actor = self._host = None
         self.restarts = 0
         self._failed_starts = 0
 
@@ -166,22 +161,10 @@ class RayWorker:
             self.restarts += 1
             self._spawn()
 
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def error(self) -> str | None:
-        return self._error
-
-    def info(self) -> dict:
-        return self._info or {"model": self._name, "device": None, "defaults": {}}
-
     def describe(self) -> dict:
         """What GET /v1/queue shows of this worker besides its state."""
         actor_id = self._actor._actor_id.hex() if self._actor is not None else None
         return {"kind": "ray", "actor": actor_id, "host": self._host, "restarts": self.restarts}
-
-    def check(self, params: dict, image_size: tuple[int, int]) -> None:
-        check_memory(self._profile, self._capacity, params, image_size)
 
     def run(self, job_id: str, image: bytes, params: dict, on_progress: Progress) -> JobResult:
         with self._lock:

@@ -1,8 +1,8 @@
 """What a worker is: something that turns (image bytes, parameters) into mp4 bytes.
 
-The API process keeps the job store and every file; a worker only computes. Today `LocalWorker` is a
-pipeline loaded in this process. The same interface is meant to sit in front of a remote worker (one Ray
-actor per GPU), which is why everything crossing it is plain bytes, dicts and numbers.
+The API process keeps the job store and every file; a worker only computes. `LocalWorker` runs a pipeline
+in this process, `ProcessWorker` (server.process) in a child process, `RayWorker` (server.ray_worker) in a Ray
+actor, which is why everything crossing the interface is plain bytes, dicts and numbers.
 """
 
 from __future__ import annotations
@@ -89,6 +89,32 @@ def check_memory(model, capacity: int | None, params: dict, image_size: tuple[in
 
     width, height = target_size(image_size, params.get("width"), params.get("height"))
     memory.check(model, width, height, params, free=capacity)
+
+
+class RemoteWorker:
+    """What ProcessWorker and RayWorker share: a model loaded elsewhere, its state as the last message said."""
+
+    def __init__(self, load: Callable[[], Any], name: str | None, log_level: str):
+        self._load, self._name, self._log_level = load, name, log_level
+        self._lock = threading.Lock()  # one job at a time, and no restart under a running job
+        self._ready = threading.Event()
+        self._info: dict = {}
+        self._profile = None  # memory.Profile of the remote pipeline
+        self._capacity: int | None = None  # bytes free on its device while idle
+        self._error: str | None = None
+        self._closed = False
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def error(self) -> str | None:
+        return self._error
+
+    def info(self) -> dict:
+        return self._info or {"model": self._name, "device": None, "defaults": {}}
+
+    def check(self, params: dict, image_size: tuple[int, int]) -> None:
+        check_memory(self._profile, self._capacity, params, image_size)
 
 
 class ProgressReports:
