@@ -93,12 +93,11 @@ def aot_probe(device: torch.device, progress: Callable[[str], None] | None = Non
 
 def aot_compiler(device: torch.device) -> str | None:
     """The C++ compiler the probe found to build loadable packages (None: torch's own choice), once probed."""
-    record = _record_path(device)
-    return json.loads(record.read_text()).get("cxx") if record.is_file() else None
+    stored = _stored_record(device)
+    return stored.get("cxx") if stored else None
 
 
-def _record_path(device: torch.device) -> Path:
-    facts = _probe_facts(device)
+def _record_path(facts: dict) -> Path:
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "compiled" / f"aot-probe-{digest}.json"
 
@@ -111,17 +110,24 @@ def _probe_facts(device: torch.device) -> dict:
     return facts
 
 
+def _stored_record(device: torch.device) -> dict | None:
+    record = _record_path(_probe_facts(device))
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def _probe_record(device: torch.device, progress: Callable[[str], None] | None) -> dict:
-    record = _record_path(device)
-    if record.is_file():
-        return json.loads(record.read_text())
+    stored = _stored_record(device)
+    if stored is not None:
+        return stored
     if progress is not None:
         progress(
             "checking once whether this torch can load compiled artifacts on this GPU (up to a minute or two)"
         )
     unusable, cxx = _probe(device)
-    answer = {**_probe_facts(device), "unusable": unusable, "cxx": cxx}
+    facts = _probe_facts(device)
+    record = _record_path(facts)
     record.parent.mkdir(parents=True, exist_ok=True)
+    answer = {**facts, "unusable": unusable, "cxx": cxx}
     record.write_text(json.dumps(answer))
     return answer
 
@@ -157,7 +163,7 @@ def _probe(device: torch.device) -> tuple[str | None, str | None]:
 
     net = nn.Linear(8, 8, bias=False).to(device)
     nn.init.constant_(net.weight, 0.5)
-    index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
+    index = _device_index(device)
     code = _PROBE.format(index=index, device=device.type, root=str(Path(__file__).resolve().parents[2]))
     reasons = []
     for cxx in _compilers():
@@ -179,6 +185,11 @@ def _probe(device: torch.device) -> tuple[str | None, str | None]:
             f"loading a package{_by(cxx)} failed with torch {torch.__version__} ({how}: {last[-200:]})"
         )
     return "; ".join(reasons), None
+
+
+def _device_index(device: torch.device) -> int:
+    """The loader's device index: the CUDA device's (the current one where unnumbered), -1 for the CPU."""
+    return (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
 
 
 def _by(cxx: str | None) -> str:
@@ -294,10 +305,8 @@ class CompiledNet:
         if key in self._unloadable or not path.is_file():
             return None
         t = time.perf_counter()
-        device = self.device
-        index = (device.index or torch.cuda.current_device()) if device.type == "cuda" else -1
         try:
-            model = _runner(str(path), index)
+            model = _runner(str(path), _device_index(self.device))
         except Exception as e:  # a damaged file: eager, and a rebuild replaces it
             log.warning("%s: could not load %s (%s); running eagerly", self.name, path, e)
             self._unloadable.add(key)
