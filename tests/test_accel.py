@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import gelu_fit
@@ -371,6 +372,19 @@ def test_compiled_net_runs_eagerly_until_built_then_loads_and_follows_moved_weig
     later(torch.randn(6, 4, 6, 6), torch.rand(6), 3)  # another shape: eagerly, remembered
     assert len(later.missing) == 1
     assert compiled.CompiledNet("small", net, {"test": 2}, tmp_path).path(key) != path  # the key counts
+
+
+def test_a_build_shows_none_of_torchs_internal_notices(tmp_path, monkeypatch):
+    """torch.export's deprecation notice about its own tree specs interrupts the CLI's progress lines."""
+    monkeypatch.setattr(compiled, "aot_probe", lambda device, progress=None: None)
+    net = Small().eval().requires_grad_(False)
+    f = compiled.CompiledNet("small", net, {}, tmp_path)
+    f(torch.randn(2, 4, 6, 6), torch.rand(2), 2)
+    (key,) = f.missing
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        assert f.build(key)
+    assert not [w for w in heard if "LeafSpec" in str(w.message) or "TensorFloat32" in str(w.message)]
 
 
 def test_a_failed_build_is_remembered_and_runs_eagerly(tmp_path, monkeypatch, caplog):

@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -167,7 +168,7 @@ def _probe(device: torch.device) -> tuple[str | None, str | None]:
     code = _PROBE.format(index=index, device=device.type, root=str(Path(__file__).resolve().parents[2]))
     reasons = []
     for cxx in _compilers():
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _compiler(cxx, fresh=True):
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _compiler(cxx, fresh=True), _quiet():
             try:
                 ep = torch.export.export(net, (torch.ones(4, 8, device=device),), strict=False)
                 path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "probe.pt2"))
@@ -203,6 +204,18 @@ def _compiler(cxx: str | None, fresh: bool = False):
     if fresh:
         patch["force_disable_caches"] = True
     return torch._inductor.config.patch(patch)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hide torch's own notices while it exports and compiles (a deprecation inside torch.export, TF32 left off
+    for fp32 matmuls): a user can act on neither, and they interrupt the CLI's progress lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
+        )
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
+        yield
 
 
 def _runner(path: str, index: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
@@ -358,7 +371,11 @@ class CompiledNet:
         return True
 
     def _build_aot(self, path: Path, example: tuple, num_frames: int) -> None:
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp, _compiler(aot_compiler(self.device)):
+        with (
+            tempfile.TemporaryDirectory(dir=path.parent) as tmp,
+            _compiler(aot_compiler(self.device)),
+            _quiet(),
+        ):
             args = ([t.detach() for t in self.weights], *example)
             ep = torch.export.export(_Functional(self.net, num_frames), args, strict=False)
             os.replace(
