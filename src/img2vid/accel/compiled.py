@@ -168,7 +168,7 @@ def _probe(device: torch.device) -> tuple[str | None, str | None]:
     code = _PROBE.format(index=index, device=device.type, root=str(Path(__file__).resolve().parents[2]))
     reasons = []
     for cxx in _compilers():
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _compiler(cxx, fresh=True), _quiet():
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _compiler(cxx, fresh=True):
             try:
                 ep = torch.export.export(net, (torch.ones(4, 8, device=device),), strict=False)
                 path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "probe.pt2"))
@@ -197,20 +197,16 @@ def _by(cxx: str | None) -> str:
     return f" built by {cxx}" if cxx else ""
 
 
+@contextlib.contextmanager
 def _compiler(cxx: str | None, fresh: bool = False):
     """Inductor's settings for building with `cxx` (None: its own choice); `fresh` skips its caches, which would
-    hand back a library another compiler built."""
+    hand back a library another compiler built. torch's own notices while it exports and compiles (a deprecation
+    inside torch.export, TF32 left off for fp32 matmuls) are hidden: a user can act on neither, and they
+    interrupt the CLI's progress lines."""
     patch = {"cpp.cxx": (cxx,)} if cxx else {}
     if fresh:
         patch["force_disable_caches"] = True
-    return torch._inductor.config.patch(patch)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Hide torch's own notices while it exports and compiles (a deprecation inside torch.export, TF32 left off
-    for fp32 matmuls): a user can act on neither, and they interrupt the CLI's progress lines."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch._inductor.config.patch(patch):
         warnings.filterwarnings(
             "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
         )
@@ -371,11 +367,7 @@ class CompiledNet:
         return True
 
     def _build_aot(self, path: Path, example: tuple, num_frames: int) -> None:
-        with (
-            tempfile.TemporaryDirectory(dir=path.parent) as tmp,
-            _compiler(aot_compiler(self.device)),
-            _quiet(),
-        ):
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp, _compiler(aot_compiler(self.device)):
             args = ([t.detach() for t in self.weights], *example)
             ep = torch.export.export(_Functional(self.net, num_frames), args, strict=False)
             os.replace(
