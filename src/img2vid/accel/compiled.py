@@ -367,9 +367,12 @@ class CompiledNet:
         return True
 
     def _build_aot(self, path: Path, example: tuple, num_frames: int) -> None:
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp, _compiler(aot_compiler(self.device)):
-            args = ([t.detach() for t in self.weights], *example)
-            ep = torch.export.export(_Functional(self.net, num_frames), args, strict=False)
+        with (
+            tempfile.TemporaryDirectory(dir=path.parent) as tmp,
+            _compiler(aot_compiler(self.device)),
+            _backends_on_while_tracing(),
+        ):
+            ep = _export(self.net, [t.detach() for t in self.weights], example, num_frames)
             os.replace(
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / path.name)), path
             )
@@ -384,6 +387,37 @@ class CompiledNet:
             self._jit = torch.compile(self.net, fullgraph=True, dynamic=False)
         self._jit(*example, num_frames)
         self.loaded[key] = functools.partial(_run_jit, self._jit, num_frames)
+
+
+def _export(net: nn.Module, weights: list[torch.Tensor], example: tuple, num_frames: int):
+    """`net` at the example's shapes as an ExportedProgram whose inputs are its weights, then the tensors. Call
+    inside _backends_on_while_tracing, as the build does."""
+    return torch.export.export(_Functional(net, num_frames), (weights, *example), strict=False)
+
+
+@contextlib.contextmanager
+def _backends_on_while_tracing():
+    """torch.export turns cuDNN and oneDNN off while it traces, so its fake convolutions report NCHW outputs for
+    channels-last inputs, and the choices the networks make in Python from an activation's layout
+    (channels_last's group norm, the skip concatenation) were traced for a layout that never runs. With the
+    backends on, as torch.compile traces and as the artifact runs, they see the layout that runs. Fake results
+    cached by earlier traces with the backends off are dropped first."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.export import _trace as trace
+    except ImportError:
+        trace = None
+    if not hasattr(trace, "_ignore_backend_decomps"):  # another torch: its own tracing, unchanged
+        yield
+        return
+
+    FakeTensorMode.cache_clear()
+    saved, trace._ignore_backend_decomps = trace._ignore_backend_decomps, contextlib.nullcontext
+    try:
+        yield
+    finally:
+        trace._ignore_backend_decomps = saved
+        FakeTensorMode.cache_clear()
 
 
 def _run_aot(run, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
