@@ -410,14 +410,14 @@ def _backends_on_while_tracing():
     if not hasattr(trace, "_ignore_backend_decomps"):  # another torch: its own tracing, unchanged
         yield
         return
-
-    FakeTensorMode.cache_clear()
+    clear_fakes = getattr(FakeTensorMode, "cache_clear", lambda: None)
+    clear_fakes()
     saved, trace._ignore_backend_decomps = trace._ignore_backend_decomps, contextlib.nullcontext
     try:
         yield
     finally:
         trace._ignore_backend_decomps = saved
-        FakeTensorMode.cache_clear()
+        clear_fakes()
 
 
 def _run_aot(run, weights: list[torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
